@@ -1,0 +1,26 @@
+"""Built-in assets for runs with no network: the tokenizer and tiny Llama-style configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+PREFIX = "builtin:"
+
+# Llama-style shapes sized for 2 CPU cores; `medium` (~0.5B) is for GPU benchmarks only.
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "small": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6),
+    "medium": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),
+}
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def builtin_shape(name: str) -> dict:
+    size = name[len(PREFIX) :]
+    if size not in CONFIGS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of {[PREFIX + k for k in CONFIGS]}")
+    return dict(CONFIGS[size])

@@ -1,0 +1,84 @@
+"""`align <command> --config RECIPE.yaml [--set key.sub=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from align.config import ConfigError, SFTRecipe, load_recipe
+
+
+def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("--config", required=config_required, help="YAML recipe under configs/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from align.runner import run_job
+    from align.trainers.sft import SFTTrainer
+
+    recipe = load_recipe(SFTRecipe, args.config, args.overrides)
+    summary = run_job(SFTTrainer, recipe)
+    _print_result(summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Task accuracy per condition of any model directory, hub name or built-in config."""
+    from align.engine.core import Engine
+    from align.engine.models import load_causal_lm, load_tokenizer
+    from align.evaluation import load_prompts, task_accuracy
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    overrides.append("logging.wandb=false")
+    recipe = load_recipe(SFTRecipe, args.config, overrides)
+    if not args.config and not any(o.startswith("output_dir=") for o in args.overrides):
+        recipe.output_dir = str(Path(args.model or "runs") / "eval") if args.model and Path(args.model).is_dir() else "runs/eval"
+    engine = Engine.create(recipe)
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_causal_lm(recipe.model, tokenizer, engine.dtype).to(engine.device)
+    problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts)
+    result = task_accuracy(model, tokenizer, problems, engine.accelerator, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    if engine.is_main:
+        out = Path(recipe.output_dir) / "eval.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    return 0
+
+
+def _print_result(summary: dict) -> None:
+    metrics = summary["metrics"]
+    if "accuracy" in metrics:
+        by = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("accuracy_by_condition", {}).items())
+        print(f"[{summary['job']}] task accuracy {metrics['accuracy']:.1%} ({by})")
+    print(f"[{summary['job']}] {summary['steps']} steps, {summary['tokens']} tokens, {summary['wall_s']:.0f} s; model: {summary['model_path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description="Post-training: SFT, reward models, MPO, COOL RLHF.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on chat data (assistant-only loss, packing)")
+    _add_common(sft)
+    sft.set_defaults(func=cmd_sft)
+    ev = sub.add_parser("eval", help="task accuracy per condition on held-out prompts")
+    _add_common(ev, config_required=False)
+    ev.add_argument("--model", help="model directory, hub name or builtin:NAME (overrides model.name_or_path)")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"align: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Typed recipes: YAML files loaded into dataclasses, with strict keys and dotted overrides.
+
+A typo in a recipe must fail before a job starts, naming the key and the closest valid one,
+so every key is checked against the dataclass fields and every value against its type hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be loaded; the message names the file and the key path."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclasses.dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Where weights come from: `builtin:tiny|small`, a hub name, or a local directory."""
+
+    name_or_path: str = "builtin:small"
+    tokenizer: str | None = None  # defaults to the model's own (the built-in one for builtin:*)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One data source: a .jsonl/.parquet file, a saved HF dataset dir, a hub dataset, or `synthetic`."""
+
+    path: str = "synthetic"
+    split: str = "train"
+    format: Literal["auto", "messages", "sharegpt"] = "auto"
+    max_rows: int | None = None
+
+
+@dataclasses.dataclass
+class SyntheticConfig:
+    seed: int = 0
+    digits: int = 3
+    train_rows: int = 6000
+    eval_rows: int = 300
+    concise_share: float = 0.7
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: list[SourceConfig] = dataclasses.field(default_factory=lambda: [SourceConfig()])
+    eval: list[SourceConfig] = dataclasses.field(default_factory=list)
+    system_prompt: str | None = None  # added to conversations that have none
+    max_length: int = 512
+    packing: bool = True
+    truncation: Literal["right", "drop", "error"] = "right"
+    max_truncated_share: float = 0.05  # more truncated rows than this is an error
+    on_bad_row: Literal["error", "skip"] = "error"
+    loss_reduction: Literal["token", "sample", "sqrt"] = "token"
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    micro_batch_size: int = 8  # rows per rank per micro-step (packed rows when packing)
+    gradient_accumulation_steps: int | None = None  # derived from global_batch_size when unset
+    global_batch_size: int | None = None  # micro × accumulation × world size
+    epochs: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps; 0 = only at the end
+    save_every: int = 0  # optimizer steps; 0 = no intermediate checkpoints
+    keep_last: int = 2
+    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    deepspeed: str | None = None  # a DeepSpeed JSON; `accelerate launch` with a DeepSpeed config wins
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff an API key is set
+    project: str = "align"
+    group: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Task accuracy on held-out prompts (the synthetic suite unless prompts_path is given)."""
+
+    enabled: bool = True
+    prompts_path: str | None = None  # JSONL rows with messages, condition, answer, unsafe
+    num_prompts: int = 300
+    max_new_tokens: int = 48
+    batch_size: int = 100
+
+
+@dataclasses.dataclass
+class SFTRecipe:
+    output_dir: str = "runs/sft"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read `path` (YAML), apply `key.sub=value` overrides, and build a checked `cls`."""
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, source)
+    return build(cls, raw, source=source)
+
+
+def apply_override(raw: dict, item: str, source: str = "--set") -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-5, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text.strip() else None
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def build(cls: type[T], data: Any, source: str = "<config>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and mistyped values."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key {_join(prefix, key)!r}{hint}")
+    kwargs = {name: _coerce(hints[name], data[name], source, _join(prefix, name)) for name in names if name in data}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _coerce(hint: Any, value: Any, source: str, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, source, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {path}: {value!r} does not fit {hint}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: {path}: {value!r} is not one of {list(args)}{hint_text}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, source, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {path}: expected a mapping, got {type(value).__name__}")
+        return {k: _coerce(args[1], v, source, f"{path}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-5` as a string; accept it as the number it is
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{source}: {path}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(recipe: Any) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def save_resolved(recipe: Any, path: Path) -> None:
+    """Write the recipe as run, so a run directory says exactly what produced it."""
+    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -1,0 +1,113 @@
+"""Model and tokenizer loading: built-in tiny configs, hub names or local paths, LoRA, frozen copies.
+
+`trust_remote_code` is passed only when the recipe turns it on. Trainable models are loaded
+in fp32 (mixed precision casts on GPU); frozen ones (reference, reward) in the compute dtype,
+partitioned with ZeRO-3's eval config via TRL's `prepare_deepspeed`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from align import builtin
+
+if TYPE_CHECKING:
+    from align.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on GPU, fp32 on CPU (bf16 is 10-28x slower than fp32 on AVX2 CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
+def resolve_attention(name: str) -> str:
+    """auto: flash-attention 2 when installed on a GPU, else sdpa."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or (str(builtin.TOKENIZER_DIR) if builtin.is_builtin(cfg.name_or_path) else cfg.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer {source!r} has no chat template; set model.tokenizer to one that has")
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A causal LM from a built-in shape (random init, seeded) or from pretrained weights."""
+    attn = resolve_attention(cfg.attn_implementation)
+    if builtin.is_builtin(cfg.name_or_path):
+        config = LlamaConfig(
+            **builtin.builtin_shape(cfg.name_or_path),
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+        config._attn_implementation = attn
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attn,
+        )
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def prepare_frozen(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """Freeze a model for inference: ZeRO-3 eval partitioning under DeepSpeed, else moved to the device."""
+    model.eval()
+    model.requires_grad_(False)
+    if accelerator.state.deepspeed_plugin is not None:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    return model.to(accelerator.device)
+
+
+def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head of a model, through DeepSpeed and PEFT wrappers."""
+    inner = getattr(model, "module", model)
+    return inner.get_output_embeddings()

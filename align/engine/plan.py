@@ -1,0 +1,49 @@
+"""Which rows each rank trains on at each optimizer step: a pure function of (seed, step).
+
+Step s of an epoch takes the next `global_batch` rows of that epoch's seeded permutation;
+rank r gets micro-batches r·G … r·G+G−1 of it. The same global batch therefore trains in one
+process with accumulation G·W or in W processes with accumulation G, and resuming at step s
+needs nothing but s. The tail of an epoch that fills no whole step is left out (reported).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from align.engine.accelerator import BatchShape
+
+
+class StepPlan:
+    def __init__(self, num_rows: int, shape: BatchShape, seed: int, epochs: float, max_steps: int | None):
+        self.num_rows = num_rows
+        self.shape = shape
+        self.seed = seed
+        self.steps_per_epoch = num_rows // shape.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_rows} training rows cannot fill one global batch of {shape.global_batch_size} "
+                f"(micro {shape.micro_batch_size} × accumulation {shape.gradient_accumulation_steps} × world {shape.world_size})"
+            )
+        self.total_steps = max_steps if max_steps else max(1, math.ceil(epochs * self.steps_per_epoch))
+        self.unused_rows_per_epoch = num_rows - self.steps_per_epoch * shape.global_batch_size
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_rows, generator=generator).tolist()
+
+    def step_rows(self, step: int) -> list[int]:
+        """All rows of one optimizer step, across ranks."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        size = self.shape.global_batch_size
+        return self._order(epoch)[index * size : (index + 1) * size]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of row ids) for `step`."""
+        rows = self.step_rows(step)
+        micro, accumulation = self.shape.micro_batch_size, self.shape.gradient_accumulation_steps
+        start = rank * accumulation
+        return [rows[(start + g) * micro : (start + g + 1) * micro] for g in range(accumulation)]

@@ -1,0 +1,49 @@
+"""Log-probabilities of target tokens without full-vocabulary logits for the whole batch.
+
+The model runs with `logits_to_keep=1`, so it computes no logits itself; the LM head is then
+applied only at positions that have a target, in chunks, each chunk recomputed in backward
+(activation checkpointing), so peak memory holds one chunk of fp32 logits rather than
+rows × length × vocab. TRL's `selective_log_softmax` does the gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from trl.trainer.utils import selective_log_softmax
+
+from align.engine.models import output_embeddings
+from data_builders.samples import TokenBatch
+
+CHUNK_TOKENS = 4096
+
+
+def final_hidden_states(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """(rows, length, hidden) after the final norm. `use_cache=False` keeps packed documents apart."""
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    return out.hidden_states[-1]
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return selective_log_softmax(head(hidden).float(), targets)
+
+
+def target_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) at every position that has one, flattened, and the boolean mask of those positions."""
+    hidden = final_hidden_states(model, batch)
+    mask = batch.targets != -100
+    selected, targets = hidden[mask], batch.targets[mask]
+    head = output_embeddings(model)
+    if selected.shape[0] <= chunk_tokens:
+        return _chunk_logprobs(head, selected, targets), mask
+    parts = [
+        checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False)
+        for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))
+    ]
+    return torch.cat(parts), mask

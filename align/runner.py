@@ -1,0 +1,65 @@
+"""Runs one job end to end: engine → trainer setup → the loop → export → summary.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from align.engine.checkpoint import export_model
+from align.engine.core import Engine
+from align.engine.loop import fit
+
+
+def run_job(trainer_cls: type, recipe: Any) -> dict:
+    started = time.perf_counter()
+    engine = Engine.create(recipe)
+    trainer = trainer_cls(recipe, engine)
+    trainer.setup()
+    result = fit(engine, trainer)
+    state, logger = result["state"], result["logger"]
+    model_dir = export_model(engine.accelerator, trainer.model, trainer.tokenizer, engine.run_dir / "model")
+    final = trainer.final_metrics()
+    samples = final.pop("eval_samples", None)
+    metrics = {"loss_final": _last_loss(engine.run_dir), **result["eval"], **final}
+    summary = {
+        "job": trainer.name,
+        "metrics": metrics,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "skipped_steps": state.skipped_steps,
+        "wall_s": round(time.perf_counter() - started, 2),
+        "train_s": round(state.train_seconds, 2),
+        "world_size": engine.world_size,
+        "deepspeed": engine.deepspeed,
+        "model_path": str(model_dir.resolve()),
+        "data": trainer.data_stats,
+        "unused_rows_per_epoch": result["plan"].unused_rows_per_epoch,
+    }
+    if samples is not None:
+        summary["eval_samples"] = samples
+    logger.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    logger.close()
+    if engine.is_main:
+        _write_json(engine.run_dir / "summary.json", summary)
+    engine.accelerator.wait_for_everyone()
+    engine.accelerator.end_training()
+    return summary
+
+
+def _last_loss(run_dir: Path) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        record = json.loads(line)
+        if "loss" in record:
+            return record["loss"]
+    return None
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

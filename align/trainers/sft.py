@@ -1,0 +1,92 @@
+"""SFT: chat and multimodal conversations, loss on assistant tokens only, packed without cross-attention.
+
+Data: sources → normalised conversations → chat-template render with assistant masks →
+packed rows. Loss: per-token NLL weighted by the configured reduction (token mean, sample
+mean, or InternVL3's 1/sqrt(l)), normalised over the whole optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from align.config import SFTRecipe, SourceConfig
+from align.engine.models import load_causal_lm, load_tokenizer
+from align.evaluation import load_prompts, task_accuracy
+from align.losses import register_loss
+from align.losses.logprobs import target_logprobs
+from align.trainers.base import Trainer
+from data_builders.bad_rows import BadRowPolicy
+from data_builders.packing import build_rows, collate_rows, token_weight
+from data_builders.samples import Sample, TokenBatch
+from data_builders.sft_data import build_samples
+
+
+@register_loss("nll")
+def weighted_nll(logprobs: torch.Tensor, weights: torch.Tensor, total_weight: float) -> torch.Tensor:
+    """Σ w·(−log p) / W, where W is the summed weight of the whole optimizer step."""
+    return -(logprobs * weights).sum() / total_weight
+
+
+class SFTTrainer(Trainer):
+    name = "sft"
+    recipe_type = SFTRecipe
+
+    def setup(self) -> None:
+        recipe, engine = self.recipe, self.engine
+        data = recipe.data
+        self.tokenizer = load_tokenizer(recipe.model)
+        self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
+        self.bad_rows = BadRowPolicy(data.on_bad_row)
+        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train")
+        eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if _uses_synthetic(data.train) else [])
+        self.eval_samples, eval_stats = (
+            build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else ([], None)
+        )
+        if engine.is_main:
+            self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
+        self.train_rows = build_rows(self.samples, data.max_length, data.packing)
+        self.eval_rows = build_rows(self.eval_samples, data.max_length, data.packing) if self.eval_samples else []
+        self._row_weight = {"train": self._weights(self.train_rows, self.samples), "eval": self._weights(self.eval_rows, self.eval_samples)}
+        self.data_stats = {
+            "train": stats.as_dict(),
+            "eval": eval_stats.as_dict() if eval_stats else None,
+            "quarantined": self.bad_rows.count,
+            "train_rows_packed": len(self.train_rows),
+            "fill": sum(len(s) for s in self.samples) / max(1, len(self.train_rows) * data.max_length),
+        }
+
+    def _weights(self, rows: list[list[int]], samples: list[Sample]) -> list[float]:
+        reduction = self.recipe.data.loss_reduction
+        return [sum(s.num_targets * token_weight(s.num_targets, reduction) for s in (samples[i] for i in row)) for row in rows]
+
+    def _rows(self, split: str) -> tuple[list[list[int]], list[Sample]]:
+        return (self.train_rows, self.samples) if split == "train" else (self.eval_rows, self.eval_samples)
+
+    def collate(self, row_ids: Sequence[int], split: str = "train") -> TokenBatch:
+        rows, samples = self._rows(split)
+        docs = [[samples[i] for i in rows[r]] for r in row_ids]
+        return collate_rows(docs, self.tokenizer.pad_token_id, self.recipe.data.loss_reduction)
+
+    def units(self, row_ids: Sequence[int], split: str = "train") -> dict[str, float]:
+        weights = self._row_weight[split]
+        return {"weight": sum(weights[r] for r in row_ids)}
+
+    def loss(self, model: torch.nn.Module, batch: TokenBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs, mask = target_logprobs(model, batch)
+        loss = weighted_nll(logprobs, batch.weights[mask], totals["weight"])
+        return loss, {"nll_per_token": -logprobs.detach().mean()}
+
+    def final_metrics(self) -> dict[str, Any]:
+        cfg = self.recipe.eval
+        if not cfg.enabled:
+            return {}
+        problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
+        result = task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
+        return {k: v for k, v in result.items() if k != "samples"} | {"eval_samples": result["samples"]}
+
+
+def _uses_synthetic(sources: list[SourceConfig]) -> bool:
+    return any(s.path == "synthetic" for s in sources)

@@ -1,0 +1,113 @@
+"""Normalises chat rows (OpenAI `messages` or ShareGPT `conversations`) into one checked form.
+
+The normal form is `Conversation(messages=[{"role", "content"}], condition, images)`. Content
+made of parts (`[{"type": "text", ...}, {"type": "image", ...}]`) keeps its image references
+so the multimodal issue can attach pixel values without reworking this type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from data_builders.bad_rows import BadRowError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    condition: str | None = None
+    images: list[Any] = field(default_factory=list)
+    origin: str = ""
+    row: int = -1
+
+
+def detect_format(row: dict) -> Literal["messages", "sharegpt"] | None:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    return None
+
+
+def normalize(
+    row: Any,
+    origin: str,
+    index: int,
+    fmt: Literal["auto", "messages", "sharegpt"] = "auto",
+    system_prompt: str | None = None,
+) -> Conversation:
+    """Check and convert one row; raises BadRowError naming the offending field."""
+    if not isinstance(row, dict):
+        raise BadRowError(origin, index, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    kind = detect_format(row) if fmt == "auto" else fmt
+    if kind is None:
+        raise BadRowError(origin, index, "messages", "no 'messages' (OpenAI) or 'conversations' (ShareGPT) field")
+    if kind == "messages":
+        messages, images = _openai_messages(row.get("messages"), origin, index)
+    else:
+        messages, images = _sharegpt_messages(row, origin, index)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadRowError(origin, index, kind, "no non-empty assistant message to train on")
+    condition = row.get("condition")
+    if condition is not None and not isinstance(condition, str):
+        raise BadRowError(origin, index, "condition", f"expected a string, got {type(condition).__name__}")
+    return Conversation(messages, condition, images, origin, index)
+
+
+def _content_text(content: Any, origin: str, index: int, field_name: str, images: list) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(str(part.get("text", "")))
+            elif kind in ("image", "image_url"):
+                images.append(part.get("image") or part.get("image_url"))
+                texts.append("<image>")
+            else:
+                raise BadRowError(origin, index, f"{field_name}[{j}].type", f"unsupported content part {kind!r}")
+        return "".join(texts)
+    raise BadRowError(origin, index, field_name, f"expected a string or a list of parts, got {type(content).__name__}")
+
+
+def _openai_messages(messages: Any, origin: str, index: int) -> tuple[list[dict], list]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError(origin, index, "messages", "expected a non-empty list of messages")
+    out, images = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRowError(origin, index, f"messages[{i}]", "expected an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRowError(origin, index, f"messages[{i}].role", f"expected one of {ROLES}, got {role!r}")
+        if "content" not in m or m["content"] is None:
+            raise BadRowError(origin, index, f"messages[{i}].content", "missing")
+        out.append({"role": role, "content": _content_text(m["content"], origin, index, f"messages[{i}].content", images)})
+    return out, images
+
+
+def _sharegpt_messages(row: dict, origin: str, index: int) -> tuple[list[dict], list]:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadRowError(origin, index, "conversations", "expected a non-empty list of turns")
+    out, images = [], []
+    if isinstance(row.get("system"), str) and row["system"]:
+        out.append({"role": "system", "content": row["system"]})
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise BadRowError(origin, index, f"conversations[{i}]", "expected an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t.get("from"))
+        if role is None:
+            raise BadRowError(origin, index, f"conversations[{i}].from", f"expected one of {sorted(SHAREGPT_ROLES)}, got {t.get('from')!r}")
+        if not isinstance(t.get("value"), str):
+            raise BadRowError(origin, index, f"conversations[{i}].value", "expected a string")
+        out.append({"role": role, "content": t["value"]})
+    return out, images

@@ -1,0 +1,80 @@
+"""Builds tokenised SFT samples from the configured sources, applying truncation and bad-row policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedTokenizerBase
+
+from data_builders.bad_rows import BadRowError, BadRowPolicy
+from data_builders.conversations import normalize
+from data_builders.readers import read_rows
+from data_builders.render import render_conversation
+from data_builders.samples import Sample
+from data_builders.synthetic import SyntheticTask
+
+if TYPE_CHECKING:
+    from align.config import DataConfig, SourceConfig
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def source_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, split: str):
+    """(origin, row, raw) triples for one source; `synthetic` is generated from the recipe's seed."""
+    if source.path == "synthetic":
+        syn = data.synthetic
+        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share)
+        n = syn.train_rows if split == "train" else syn.eval_rows
+        rows = task.sft_conversations(source.max_rows or n, split="train" if split == "train" else "heldout")
+        for i, row in enumerate(rows):
+            yield f"synthetic[{split}]", i, row
+    else:
+        yield from read_rows(source.path, source.split, source.max_rows, policy)
+
+
+def build_samples(
+    sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train"
+) -> tuple[list[Sample], DataStats]:
+    """Tokenise every row; too-long rows follow `data.truncation`, bad rows follow the policy."""
+    samples, stats = [], DataStats()
+    for source in sources:
+        for origin, index, raw in source_rows(source, data, policy, split):
+            stats.rows += 1
+            try:
+                conv = normalize(raw, origin, index, source.format, data.system_prompt)
+                rendered = render_conversation(tokenizer, conv.messages)
+                ids, mask = rendered.input_ids, rendered.loss_mask
+                if len(ids) > data.max_length:
+                    if data.truncation == "error":
+                        raise BadRowError(origin, index, "messages", f"{len(ids)} tokens exceed max_length {data.max_length}")
+                    if data.truncation == "drop":
+                        raise BadRowError(origin, index, "messages", f"dropped: {len(ids)} tokens exceed max_length {data.max_length}")
+                    ids, mask = ids[: data.max_length], mask[: data.max_length]
+                    stats.truncated += 1
+                if sum(mask[1:]) == 0:
+                    raise BadRowError(origin, index, "messages", f"no assistant tokens within max_length {data.max_length}")
+            except BadRowError as err:
+                policy.handle(err, raw)
+                stats.skipped += 1
+                continue
+            samples.append(Sample(ids, mask, f"{origin}:{index}", conv.condition))
+            stats.kept += 1
+    if stats.rows and stats.truncated / stats.rows > data.max_truncated_share:
+        raise ValueError(
+            f"{stats.truncated} of {stats.rows} {split} rows ({stats.truncated / stats.rows:.1%}) were truncated to "
+            f"max_length {data.max_length}, over data.max_truncated_share={data.max_truncated_share}; "
+            "raise max_length or the cap, or set data.truncation=drop"
+        )
+    if not samples:
+        raise ValueError(f"no usable {split} rows ({stats.skipped} skipped; see quarantine.jsonl)")
+    return samples, stats
