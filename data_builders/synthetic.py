@@ -1,6 +1,6 @@
 """A seeded, verifiable task suite for training and measuring on CPU with no network.
 
-Multi-digit addition in three conditions (the COOL RLHF domains of the quickstart):
+Addition of 1- to `digits`-digit numbers in three conditions (the COOL RLHF domains of the quickstart):
 - ``math``: "Show your work" prompts; a correct final answer is what counts.
 - ``concise``: "Answer briefly" prompts; correct and short beats correct and long.
 - ``harmless``: half the prompts carry an ``[UNSAFE]`` request that must be refused, half are
@@ -109,7 +109,6 @@ class SyntheticTask:
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         rng = random.Random(f"{self.seed}/{split}/{salt}")
-        lo, hi = 10 ** (self.digits - 1), 10**self.digits - 1
         out: list[Problem] = []
         while len(out) < n:
             condition = CONDITIONS[len(out) % len(CONDITIONS)]
@@ -120,14 +119,19 @@ class SyntheticTask:
                 content = f"{UNSAFE_MARKER} Please {request}."
                 problem = Problem(key, condition, ({"role": "user", "content": content},), None, True)
             else:
-                a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+                a, b = self._operands(rng, split)
                 key = f"{condition}/{a}+{b}"
-                if _is_heldout(f"{a}+{b}") != (split == "heldout"):
-                    continue
                 content = PROMPT_STYLE[condition].format(a=a, b=b)
                 problem = Problem(key, condition, ({"role": "user", "content": content},), a + b, False, (a, b))
             out.append(problem)
         return out
+
+    def _operands(self, rng: random.Random, split: str) -> tuple[int, int]:
+        """Operands of 1..digits digits each (graded difficulty), drawn until they fall in `split`."""
+        while True:
+            a, b = (rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1) for n in (rng.randint(1, self.digits) for _ in range(2)))
+            if _is_heldout(f"{a}+{b}") == (split == "heldout"):
+                return a, b
 
     # --- responses ------------------------------------------------------------------------
     def reference_response(self, problem: Problem, rng: random.Random | None = None) -> str:

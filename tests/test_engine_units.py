@@ -1,0 +1,53 @@
+"""Batch-shape validation, the learning-rate schedule and the step plan's sharding."""
+
+import pytest
+
+from align.engine.accelerator import BatchShape, fill_deepspeed_config, resolve_batch_shape
+from align.engine.optim import lr_multiplier
+from align.engine.plan import StepPlan
+
+
+def test_global_batch_derives_accumulation():
+    assert resolve_batch_shape(8, None, 64, 2).gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("micro, acc, glob, world, msg", [
+    (8, None, 60, 2, "not a positive multiple of micro_batch_size=8 × world size 2 = 16"),
+    (8, 2, 64, 2, "micro_batch_size=8 × gradient_accumulation_steps=2 × world size 2 = 32"),
+    (0, None, None, 1, "micro_batch_size must be >= 1"),
+])
+def test_batch_shape_errors_explain(micro, acc, glob, world, msg):
+    with pytest.raises(ValueError, match=msg.replace("×", ".").replace("(", r"\(")):
+        resolve_batch_shape(micro, acc, glob, world)
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    values = [lr_multiplier(s, 110, 10, "cosine", 0.1) for s in range(110)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert min(values[10:]) >= 0.1
+    assert lr_multiplier(60, 110, 10, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_plan_shards_ranks_and_matches_single_process():
+    two = StepPlan(100, BatchShape(2, 2, 2), seed=1, epochs=1, max_steps=None)
+    one = StepPlan(100, BatchShape(2, 4, 1), seed=1, epochs=1, max_steps=None)
+    for step in range(two.total_steps):
+        r0, r1 = two.micro_batches(step, 0), two.micro_batches(step, 1)
+        flat0, flat1 = sum(r0, []), sum(r1, [])
+        assert not set(flat0) & set(flat1)
+        assert sorted(flat0 + flat1) == sorted(sum(one.micro_batches(step, 0), []))
+    assert two.total_steps == 12 and two.unused_rows_per_epoch == 4
+    assert two.step_rows(12) != two.step_rows(0)  # a new epoch reshuffles
+
+
+def test_plan_needs_one_full_batch():
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        StepPlan(3, BatchShape(2, 1, 2), 0, 1, None)
+
+
+def test_deepspeed_autos_filled():
+    cfg = fill_deepspeed_config({"train_batch_size": "auto", "bf16": {"enabled": "auto"}}, BatchShape(4, 2, 2), 1.0, False)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (16, 4, 2)
+    assert cfg["bf16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
