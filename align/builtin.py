@@ -10,7 +10,7 @@ PREFIX = "builtin:"
 # Llama-style shapes sized for 2 CPU cores; `medium` (~0.5B) is for GPU benchmarks only.
 CONFIGS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-    "small": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6),
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
     "medium": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),
 }
 
