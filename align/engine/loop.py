@@ -59,6 +59,7 @@ class Stepper:
         if self.engine.deepspeed:
             if ok:
                 self.model.step()  # clips (gradient_clipping), steps and zeroes gradients
+                self.scheduler.step()  # accelerate hands DeepSpeed only its own schedule types, not ours
                 norm = self.model.get_global_grad_norm()
                 norm = float(norm) if norm is not None else None
             else:
