@@ -19,11 +19,9 @@ Row = tuple[str, int, Any]
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, policy: BadRowPolicy | None = None) -> Iterator[Row]:
     """Rows from `path`; unparsable JSON lines go through the bad-row policy."""
     policy = policy or BadRowPolicy()
-    count = 0
-    for item in _iter_source(path, split, policy):
+    for count, item in enumerate(_iter_source(path, split, policy)):
         if max_rows is not None and count >= max_rows:
             return
-        count += 1
         yield item
 
 

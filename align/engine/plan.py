@@ -9,7 +9,6 @@ needs nothing but s. The tail of an epoch that fills no whole step is left out (
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 
@@ -29,11 +28,13 @@ class StepPlan:
             )
         self.total_steps = max_steps if max_steps else max(1, math.ceil(epochs * self.steps_per_epoch))
         self.unused_rows_per_epoch = num_rows - self.steps_per_epoch * shape.global_batch_size
+        self._cached_epoch, self._cached_order = -1, []
 
-    @lru_cache(maxsize=2)
     def _order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.num_rows, generator=generator).tolist()
+        if self._cached_epoch != epoch:  # one permutation per epoch, computed once
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._cached_epoch, self._cached_order = epoch, torch.randperm(self.num_rows, generator=generator).tolist()
+        return self._cached_order
 
     def step_rows(self, step: int) -> list[int]:
         """All rows of one optimizer step, across ranks."""

@@ -58,5 +58,5 @@ class Trainer(ABC):
         """Trainer state that must survive resume (e.g. MPO's running delta); JSON-serialisable."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook, no state by default
+        """Restore what `state_dict` returned."""
