@@ -82,6 +82,7 @@ def test_two_ranks_see_their_own_shard_and_partitioned_params(tmp_path):
     assert not set(ranks[0]["rows_step0"]) & set(ranks[1]["rows_step0"])
     assert all(r["partitioned"] for r in ranks)
     assert ranks[0]["local_numel"] < ranks[0]["full_numel"] * 0.6
+    assert all(r["frozen_partitioned"] and r["frozen_exact"] for r in ranks)
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
@@ -188,3 +189,10 @@ def test_non_finite_guard_skips_and_stops(tmp_path, bad_steps, monkeypatch):
         fit(engine, trainer)
     saved = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert saved == ["step-00000001"]  # nothing was written once the loss went bad
+
+
+def test_gradient_checkpointing_trains_identically(tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "gc"
+    align_sft(tmp_path, tiny_overrides(plain, steps=3, **{"eval.enabled": False}))
+    align_sft(tmp_path, tiny_overrides(checkpointed, steps=3, **{"eval.enabled": False, "model.gradient_checkpointing": True}))
+    torch.testing.assert_close(torch.tensor(losses(checkpointed)), torch.tensor(losses(plain)), rtol=1e-5, atol=1e-5)
