@@ -31,7 +31,8 @@ def final_hidden_states(model: torch.nn.Module, batch: TokenBatch) -> torch.Tens
 
 
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return selective_log_softmax(head(hidden).float(), targets)
+    # selective_log_softmax loops over dim 0 in fp32; a leading batch dim of 1 keeps it one logsumexp
+    return selective_log_softmax(head(hidden).float().unsqueeze(0), targets.unsqueeze(0)).squeeze(0)
 
 
 def target_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
