@@ -37,7 +37,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides.append("logging.wandb=false")
     recipe = load_recipe(SFTRecipe, args.config, overrides)
     if not args.config and not any(o.startswith("output_dir=") for o in args.overrides):
-        recipe.output_dir = str(Path(args.model or "runs") / "eval") if args.model and Path(args.model).is_dir() else "runs/eval"
+        recipe.output_dir = str(Path(args.model) / "eval") if args.model and Path(args.model).is_dir() else "runs/eval"
     engine = Engine.create(recipe)
     tokenizer = load_tokenizer(recipe.model)
     model = load_causal_lm(recipe.model, tokenizer, engine.dtype).to(engine.device)
