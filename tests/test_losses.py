@@ -57,3 +57,28 @@ def test_split_normalisation_equals_whole_batch():
     whole = float(weighted_nll(-nll, w, float(w.sum())))
     parts = sum(float(weighted_nll(-nll[i:j], w[i:j], float(w.sum()))) for i, j in ((0, 2), (2, 5)))
     assert parts == pytest.approx(whole)
+
+
+def test_token_mean_matches_transformers_labels_loss(tokenizer):
+    """Same batch, same loss as `model(input_ids, labels=...)`, the loss TRL's SFTTrainer reports."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.losses.logprobs import target_logprobs
+    from data_builders.render import render_conversation
+    from data_builders.synthetic import SyntheticTask
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    docs = [render_conversation(tokenizer, r["messages"]) for r in SyntheticTask(1).sft_conversations(3)]
+    samples = [Sample(d.input_ids, d.loss_mask) for d in docs]
+    batch = collate_rows([[s] for s in samples], tokenizer.pad_token_id, "token")
+    with torch.no_grad():
+        logprobs, mask = target_logprobs(model, batch)
+        ours = weighted_nll(logprobs, batch.weights[mask], float(batch.weights.sum()))
+        labels = torch.full_like(batch.input_ids, -100)
+        for r, s in enumerate(samples):
+            labels[r, : len(s)] = torch.where(torch.tensor(s.loss_mask, dtype=torch.bool), torch.tensor(s.input_ids), -100)
+        attention = (batch.doc_ids >= 0).long()
+        reference = model(input_ids=batch.input_ids, attention_mask=attention, labels=labels).loss
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
