@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(SFTRecipe, args.config, args.overrides)
     summary = run_job(SFTTrainer, recipe)
-    _print_result(summary)
+    if os.environ.get("RANK", "0") == "0":  # one report per job, not per rank
+        _print_result(summary)
     return 0
 
 

@@ -248,6 +248,21 @@ def to_dict(recipe: Any) -> dict:
     return dataclasses.asdict(recipe)
 
 
+def flat_dict(recipe: Any) -> dict[str, Any]:
+    """{"optim.lr": 1e-4, ...}: the dotted form sweeps and trackers use."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(_join(prefix, key), value)
+        else:
+            out[prefix] = node
+
+    walk("", to_dict(recipe))
+    return out
+
+
 def save_resolved(recipe: Any, path: Path) -> None:
     """Write the recipe as run, so a run directory says exactly what produced it."""
     path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

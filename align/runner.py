@@ -22,7 +22,7 @@ def run_job(trainer_cls: type, recipe: Any) -> dict:
     model_dir = export_model(engine.accelerator, trainer.model, trainer.tokenizer, engine.run_dir / "model")
     final = trainer.final_metrics()
     samples = final.pop("eval_samples", None)
-    metrics = {"loss_final": _last_loss(engine.run_dir), **result["eval"], **final}
+    metrics = {"loss_final": result["last_loss"], **result["eval"], **final}
     summary = {
         "job": trainer.name,
         "metrics": metrics,
@@ -46,17 +46,6 @@ def run_job(trainer_cls: type, recipe: Any) -> dict:
     engine.accelerator.wait_for_everyone()
     engine.accelerator.end_training()
     return summary
-
-
-def _last_loss(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        record = json.loads(line)
-        if "loss" in record:
-            return record["loss"]
-    return None
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from align.config import flat_dict
 from align.engine.checkpoint import Checkpointer
 from align.engine.core import Engine
 from align.engine.logger import RunLogger
@@ -118,12 +119,12 @@ def fit(engine: Engine, trainer) -> dict:
         if engine.is_main:
             print(f"resumed from {latest} at step {state.step}", flush=True)
 
-    logger = RunLogger(recipe.logging, engine.run_dir, _flat_config(recipe), plan.total_steps, engine.is_main, trainer.name)
+    logger = RunLogger(recipe.logging, engine.run_dir, flat_dict(recipe), plan.total_steps, engine.is_main, trainer.name)
     logger.set_progress(state.step)
     scale = engine.shape.gradient_accumulation_steps * engine.world_size if engine.deepspeed else engine.world_size
     window_metrics: dict[str, list[torch.Tensor]] = {}
     log_loss, log_tokens, log_steps, log_start = 0.0, 0, 0, time.perf_counter()
-    eval_metrics: dict[str, float] = {}
+    last_loss: float | None = None
 
     while state.step < plan.total_steps:
         step_start = time.perf_counter()
@@ -166,8 +167,9 @@ def fit(engine: Engine, trainer) -> dict:
         last = state.step == plan.total_steps
         if state.step % cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - log_start
+            last_loss = log_loss / log_steps
             record = {
-                "loss": log_loss / log_steps,
+                "loss": last_loss,
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": log_tokens / max(elapsed, 1e-9),
                 "tokens": state.tokens,
@@ -181,28 +183,11 @@ def fit(engine: Engine, trainer) -> dict:
             window_metrics.clear()
             log_loss, log_tokens, log_steps, log_start = 0.0, 0, 0, time.perf_counter()
         if cfg.eval_every and (state.step % cfg.eval_every == 0) and not last:
-            eval_metrics = evaluate_loss(engine, trainer, model)
-            logger.log(state.step, eval_metrics)
+            logger.log(state.step, evaluate_loss(engine, trainer, model))
         if cfg.save_every and state.step % cfg.save_every == 0 and not last:
             ckpt.save(state.step, {"loop": asdict(state), "trainer": trainer.state_dict()})
 
     eval_metrics = evaluate_loss(engine, trainer, model)
     if eval_metrics:
         logger.log(state.step, eval_metrics)
-    return {"state": state, "logger": logger, "plan": plan, "eval": eval_metrics}
-
-
-def _flat_config(recipe) -> dict:
-    from align.config import to_dict
-
-    out: dict = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = node
-
-    walk("", to_dict(recipe))
-    return out
+    return {"state": state, "logger": logger, "plan": plan, "eval": eval_metrics, "last_loss": last_loss}
