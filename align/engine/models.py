@@ -48,20 +48,26 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, **extra: object) -> LlamaConfig:
+    config = LlamaConfig(
+        **builtin.builtin_shape(name),
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **extra,
+    )
+    config._attn_implementation = attn
+    return config
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """A causal LM from a built-in shape (random init, seeded) or from pretrained weights."""
     attn = resolve_attention(cfg.attn_implementation)
     if builtin.is_builtin(cfg.name_or_path):
-        config = LlamaConfig(
-            **builtin.builtin_shape(cfg.name_or_path),
-            vocab_size=len(tokenizer),
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
-        config._attn_implementation = attn
+        config = builtin_config(cfg.name_or_path, tokenizer, attn)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).to(dtype)
