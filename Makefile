@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 # torch is pinned on the same pip line so pip takes the CPU wheel here (a bare range pulls a CUDA build).
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-OUT ?= runs/quickstart
 
 .PHONY: install quickstart test lint bench clean
 
@@ -17,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 quickstart: install
-	$(BIN)/align sft --config configs/sft/quickstart.yaml --set output_dir=$(OUT)
+	$(BIN)/align sft --config configs/sft/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests

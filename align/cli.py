@@ -27,6 +27,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    from align.config import RMRecipe
+    from align.runner import run_job
+    from rewards.trainer import RMTrainer
+
+    summary = run_job(RMTrainer, load_recipe(RMRecipe, args.config, args.overrides))
+    if os.environ.get("RANK", "0") == "0":
+        _print_result(summary)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Task accuracy per condition of any model directory, hub name or built-in config."""
     from align.engine.core import Engine
@@ -56,7 +67,8 @@ def _print_result(summary: dict) -> None:
     metrics = summary["metrics"]
     if "accuracy" in metrics:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("accuracy_by_condition", {}).items())
-        print(f"[{summary['job']}] task accuracy {metrics['accuracy']:.1%} ({by})")
+        label = "pairwise accuracy" if summary["job"] == "rm" else "task accuracy"
+        print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by})")
     print(f"[{summary['job']}] {summary['steps']} steps, {summary['tokens']} tokens, {summary['wall_s']:.0f} s; model: {summary['model_path']}")
 
 
@@ -66,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning on chat data (assistant-only loss, packing)")
     _add_common(sft)
     sft.set_defaults(func=cmd_sft)
+    rm = sub.add_parser("rm", help="conditional reward model on comparison pairs (ranking loss + log barrier)")
+    _add_common(rm)
+    rm.set_defaults(func=cmd_rm)
     ev = sub.add_parser("eval", help="task accuracy per condition on held-out prompts")
     _add_common(ev, config_required=False)
     ev.add_argument("--model", help="model directory, hub name or builtin:NAME (overrides model.name_or_path)")
@@ -79,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"align: config error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"align: {err}", file=sys.stderr)
         return 2
 
 

@@ -147,6 +147,37 @@ class SFTRecipe:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
+def _default_conditions() -> dict[str, str]:
+    from rewards.conditions import DEFAULT_CONDITIONS
+
+    return dict(DEFAULT_CONDITIONS)
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Conditional reward model: ranking loss, log-barrier penalty, condition prompts."""
+
+    loss: Literal["bradley_terry", "focal_ranking"] = "focal_ranking"
+    gamma: float = 2.0  # difficulty decay of the focal ranking loss
+    barrier_weight: float = 0.02  # λ of the log barrier (paper 0.02; xtuner 0.01); 0 turns it off
+    bound: float = 5.0  # scores are kept inside (−bound, bound)
+    near_barrier: float = 0.9  # report the share of |score| ≥ near_barrier·bound
+    reward_token: str | None = None  # appended token whose hidden state is scored (InternLM2); must exist in the vocab
+    conditions: dict[str, str] = dataclasses.field(default_factory=_default_conditions)
+
+
+@dataclasses.dataclass
+class RMRecipe:
+    output_dir: str = "runs/rm"
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+
+
 # ----------------------------------------------------------------------------- loading
 def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read `path` (YAML), apply `key.sub=value` overrides, and build a checked `cls`."""

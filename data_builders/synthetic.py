@@ -165,7 +165,7 @@ class SyntheticTask:
         return rows
 
     def preference_pairs(self, n: int, split: str = "train") -> list[dict]:
-        """`prompt` / `chosen` / `rejected` rows: right vs wrong, concise vs verbose, refuse vs comply."""
+        """`prompt` / `chosen` / `rejected` rows: right vs wrong (with work), concise vs worked (both right), refuse vs comply."""
         rng = random.Random(f"{self.seed}/pairs/{split}")
         rows = []
         for p in self.problems(n, split, salt="pairs"):
@@ -173,12 +173,11 @@ class SyntheticTask:
                 chosen, rejected = REFUSAL_TEXT, f"Sure, here is how to {p.messages[0]['content'].split('Please ', 1)[1].rstrip('.')}."
             elif p.condition == "harmless":
                 chosen, rejected = worked_solution(*p.operands), REFUSAL_TEXT
-            elif p.condition == "concise" and rng.random() < 0.5:
+            elif p.condition == "concise" and rng.random() < 0.5:  # among correct answers, shorter wins
                 chosen, rejected = concise_solution(*p.operands), worked_solution(*p.operands)
-            else:
-                good = worked_solution(*p.operands) if p.condition == "math" else concise_solution(*p.operands)
-                chosen = good
-                rejected = good.rsplit("Final Answer: ", 1)[0] + f"Final Answer: {wrong_total(rng, p.answer)}"
+            else:  # correct beats wrong; shown with work so the error is checkable from the text
+                chosen = worked_solution(*p.operands)
+                rejected = chosen.rsplit("Final Answer: ", 1)[0] + f"Final Answer: {wrong_total(rng, p.answer)}"
             rows.append({"prompt": [*map(dict, p.messages)], "chosen": chosen, "rejected": rejected, "condition": p.condition})
         return rows
 

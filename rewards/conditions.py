@@ -1,0 +1,51 @@
+"""Conditional rendering (COOL RLHF): one reward model, a system prompt per condition.
+
+`render_for_reward` is the single place a (condition, conversation, response) becomes reward-model
+tokens. RM training and scoring at RLHF time both call it, so the two can never drift apart.
+The condition prompt goes to the reward model only; the policy never sees it.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_CONDITIONS = {
+    "math": "You are a careful math grader. Prefer responses whose final answer is correct.",
+    "concise": "You are a strict editor. Among correct answers, prefer the shortest one.",
+    "harmless": "You are a safety reviewer. Prefer refusals of unsafe requests and helpful answers to safe ones.",
+    "helpful": "You are a helpful assistant. Prefer responses that answer the question well.",
+}
+
+
+class UnknownConditionError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def condition_messages(conditions: dict[str, str], condition: str | None, messages: list[dict]) -> list[dict]:
+    """Prefix the condition's system prompt (merged into an existing system message, if any)."""
+    if condition is None:
+        return list(messages)
+    if condition not in conditions:
+        raise UnknownConditionError(f"unknown condition {condition!r}; configured: {sorted(conditions)}")
+    prompt = conditions[condition]
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{prompt}\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+def render_for_reward(
+    tokenizer: PreTrainedTokenizerBase,
+    conditions: dict[str, str],
+    condition: str | None,
+    prompt: list[dict],
+    response: str,
+    reward_token_id: int | None = None,
+) -> list[int]:
+    """Token ids of [condition system prompt] + prompt + response, ending at the end-of-turn token (+ reward token)."""
+    messages = [*condition_messages(conditions, condition, prompt), {"role": "assistant", "content": response}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if reward_token_id is not None:
+        ids.append(reward_token_id)
+    return ids

@@ -1,0 +1,150 @@
+"""Conditional reward-model training (InternLM2): pairs packed into rows, one forward for all scores.
+
+Each (chosen, rejected) pair is two documents packed side by side (best fit on the pair's length);
+documents never attend to each other, and each is scored at its last token. The loss is the
+configured ranking loss plus the log barrier, averaged over the pairs of the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from align.config import RMRecipe, SourceConfig
+from align.engine.models import load_tokenizer
+from align.trainers.base import Trainer
+from data_builders.bad_rows import BadRowPolicy
+from data_builders.packing import build_rows, collate_rows
+from data_builders.samples import Sample
+from rewards.data import Pair, build_pairs
+from rewards.losses import pair_losses
+from rewards.model import load_reward_model, packed_scores
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    ends: torch.Tensor  # (2·pairs, 2): (row, last index); chosen at even, rejected at odd entries
+    margins: torch.Tensor
+    conditions: list[str | None]
+    num_tokens: int
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        return PairBatch(self.input_ids.to(device), self.position_ids.to(device), self.ends.to(device), self.margins.to(device),
+                         self.conditions, self.num_tokens)
+
+
+def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int) -> PairBatch:
+    docs = [[Sample(ids, [0] * len(ids)) for pair in row for ids in (pair.chosen, pair.rejected)] for row in rows]
+    tokens = collate_rows(docs, pad_id)
+    ends = []
+    for r, row in enumerate(docs):
+        offset = 0
+        for doc in row:
+            offset += len(doc)
+            ends.append((r, offset - 1))
+    pairs = [p for row in rows for p in row]
+    return PairBatch(tokens.input_ids, tokens.position_ids, torch.tensor(ends), torch.tensor([p.margin for p in pairs]),
+                     [p.condition for p in pairs], tokens.num_tokens)
+
+
+def check_model_path(name: str) -> None:
+    """A missing local checkpoint gets the command that makes it, not a hub 404."""
+    if (name.startswith((".", "/", "runs/")) or name.count("/") > 1) and not Path(name).exists():
+        hint = " Make it with `align sft --config configs/sft/quickstart.yaml`." if "sft" in name else ""
+        raise FileNotFoundError(f"model.name_or_path {name!r} does not exist.{hint} Or point model.name_or_path at a hub name or local model.")
+
+
+class RMTrainer(Trainer):
+    name = "rm"
+    recipe_type = RMRecipe
+
+    def setup(self) -> None:
+        recipe, engine, data, reward = self.recipe, self.engine, self.recipe.data, self.recipe.reward
+        check_model_path(recipe.model.name_or_path)
+        self.tokenizer = load_tokenizer(recipe.model)
+        token_id = None
+        if reward.reward_token is not None:
+            token_id = self.tokenizer.convert_tokens_to_ids(reward.reward_token)
+            if token_id is None or token_id == self.tokenizer.unk_token_id:
+                raise ValueError(f"reward.reward_token {reward.reward_token!r} is not in the tokenizer's vocabulary")
+        self.model = load_reward_model(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
+        self.bad_rows = BadRowPolicy(data.on_bad_row)
+        build = lambda sources, split: build_pairs(sources, data, reward.conditions, self.tokenizer, self.bad_rows, token_id, split)  # noqa: E731
+        self.pairs = build(data.train, "train")
+        eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if any(s.path == "synthetic" for s in data.train) else [])
+        self.eval_pairs = build(eval_sources, "eval") if eval_sources else []
+        if engine.is_main:
+            self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
+        # a row holds up to 2·max_length tokens (the longest possible pair); InternLM2: 8192 → 16,384-token batches
+        self.train_rows = build_rows(self.pairs, 2 * data.max_length, data.packing)
+        self.eval_rows = build_rows(self.eval_pairs, 2 * data.max_length, data.packing) if self.eval_pairs else []
+        self.data_stats = {"train_pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "quarantined": self.bad_rows.count,
+                           "train_rows_packed": len(self.train_rows)}
+
+    def _split(self, split: str) -> tuple[list[list[int]], list[Pair]]:
+        return (self.train_rows, self.pairs) if split == "train" else (self.eval_rows, self.eval_pairs)
+
+    def collate(self, row_ids: Sequence[int], split: str = "train") -> PairBatch:
+        rows, pairs = self._split(split)
+        return collate_pairs([[pairs[i] for i in rows[r]] for r in row_ids], self.tokenizer.pad_token_id)
+
+    def units(self, row_ids: Sequence[int], split: str = "train") -> dict[str, float]:
+        rows, _ = self._split(split)
+        return {"pairs": float(sum(len(rows[r]) for r in row_ids))}
+
+    def scores(self, model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = packed_scores(model, batch.input_ids, batch.position_ids, batch.ends)
+        return scores[0::2], scores[1::2]
+
+    def loss(self, model: torch.nn.Module, batch: PairBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.recipe.reward
+        chosen, rejected = self.scores(model, batch)
+        margin = batch.margins if bool(batch.margins.any()) else None
+        per_pair = pair_losses(cfg.loss, chosen, rejected, margin, cfg.gamma, cfg.barrier_weight, cfg.bound)
+        metrics = {
+            "accuracy": (chosen > rejected).float().mean().detach(),
+            "margin": (chosen - rejected).mean().detach(),
+            "score_mean": torch.cat([chosen, rejected]).mean().detach(),
+        }
+        return per_pair.sum() / totals["pairs"], metrics
+
+    @torch.no_grad()
+    def final_metrics(self) -> dict[str, Any]:
+        """Pairwise accuracy overall and per condition, score mean/std per condition, share near the barrier."""
+        if not self.eval_rows:
+            return {}
+        engine, cfg = self.engine, self.recipe.reward
+        model = self.model
+        model.eval()
+        mine = list(range(len(self.eval_rows)))[engine.rank :: engine.world_size]
+        records = []
+        for i in range(0, len(mine), engine.shape.micro_batch_size):
+            batch = self.collate(mine[i : i + engine.shape.micro_batch_size], "eval")
+            chosen, rejected = self.scores(model, batch.to(engine.device))
+            records += [(c or "default", a, b) for c, a, b in zip(batch.conditions, chosen.tolist(), rejected.tolist())]
+        records = gather_object(records) if engine.world_size > 1 else records
+        by: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for condition, a, b in records:
+            by[condition].append((a, b))
+        all_scores = [s for _, a, b in records for s in (a, b)]
+        stats = {c: {"mean": statistics.fmean(s for p in v for s in p), "std": statistics.pstdev(s for p in v for s in p)} for c, v in by.items()}
+        metrics = {
+            "accuracy": sum(a > b for _, a, b in records) / len(records),
+            "accuracy_by_condition": {c: sum(a > b for a, b in v) / len(v) for c, v in sorted(by.items())},
+            "reward_stats": stats,
+            "near_barrier_share": sum(abs(s) >= cfg.near_barrier * cfg.bound for s in all_scores) / len(all_scores),
+            "eval_pairs": len(records),
+        }
+        if engine.is_main:  # normalisation constants travel with the model (used at RLHF time)
+            (engine.run_dir / "model" / "reward_stats.json").write_text(json.dumps({"conditions": cfg.conditions, "stats": stats}, indent=2))
+        return metrics
