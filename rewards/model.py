@@ -16,6 +16,8 @@ from transformers import AutoModelForSequenceClassification, LlamaForSequenceCla
 
 from align import builtin
 from align.engine.models import builtin_config, resolve_attention
+from data_builders.packing import collate_rows
+from data_builders.samples import Sample
 
 if TYPE_CHECKING:
     from align.config import ModelConfig
@@ -81,3 +83,15 @@ def packed_scores(model: torch.nn.Module, input_ids: torch.Tensor, position_ids:
     """Scores of packed documents; `ends` is (docs, 2) of (row, index of the document's last token)."""
     hidden = _hidden(model, input_ids, position_ids, None)
     return scores_at(model, hidden, ends[:, 0], ends[:, 1])
+
+
+def pack_documents(rows: list[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Rows of token lists → (input_ids, position_ids, ends (docs, 2) in row order, non-pad tokens)."""
+    batch = collate_rows([[Sample(ids, [0] * len(ids)) for ids in row] for row in rows], pad_id)
+    ends = []
+    for r, row in enumerate(rows):
+        offset = 0
+        for ids in row:
+            offset += len(ids)
+            ends.append((r, offset - 1))
+    return batch.input_ids, batch.position_ids, torch.tensor(ends), batch.num_tokens

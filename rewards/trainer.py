@@ -22,11 +22,10 @@ from align.config import RMRecipe, SourceConfig
 from align.engine.models import load_tokenizer
 from align.trainers.base import Trainer
 from data_builders.bad_rows import BadRowPolicy
-from data_builders.packing import build_rows, collate_rows
-from data_builders.samples import Sample
+from data_builders.packing import build_rows
 from rewards.data import Pair, build_pairs
 from rewards.losses import pair_losses
-from rewards.model import load_reward_model, packed_scores
+from rewards.model import load_reward_model, pack_documents, packed_scores
 
 
 @dataclass
@@ -44,17 +43,11 @@ class PairBatch:
 
 
 def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int) -> PairBatch:
-    docs = [[Sample(ids, [0] * len(ids)) for pair in row for ids in (pair.chosen, pair.rejected)] for row in rows]
-    tokens = collate_rows(docs, pad_id)
-    ends = []
-    for r, row in enumerate(docs):
-        offset = 0
-        for doc in row:
-            offset += len(doc)
-            ends.append((r, offset - 1))
+    """Each row's pairs as consecutive documents: chosen at even, rejected at odd `ends` entries."""
+    docs = [[ids for pair in row for ids in (pair.chosen, pair.rejected)] for row in rows]
+    input_ids, position_ids, ends, tokens = pack_documents(docs, pad_id)
     pairs = [p for row in rows for p in row]
-    return PairBatch(tokens.input_ids, tokens.position_ids, torch.tensor(ends), torch.tensor([p.margin for p in pairs]),
-                     [p.condition for p in pairs], tokens.num_tokens)
+    return PairBatch(input_ids, position_ids, ends, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs], tokens)
 
 
 def check_model_path(name: str) -> None:

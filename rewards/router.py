@@ -1,0 +1,120 @@
+"""The single scoring entry point: each sample is scored by what its condition maps to.
+
+A route is a weighted mix of components: `rm` (the conditional reward model, with that condition's
+prompt, optionally normalised by the per-condition stats stored beside the model) and rule-based
+verifiers (`rewards/verifiers.py`). RLHF rewards and preference-pair building both call
+`RewardRouter.score`, so they agree on what "better" means.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from data_builders.packing import pack_best_fit
+from data_builders.synthetic import SyntheticTask
+from rewards.conditions import render_for_reward
+from rewards.model import pack_documents, packed_scores
+from rewards.verifiers import is_refusal, length_penalty, math_correct, regex_format
+
+Sample = dict[str, Any]  # {"condition", "prompt": messages, "response", "answer"?, "unsafe"?}
+
+VERIFIERS: dict[str, Callable[..., float]] = {
+    "task": lambda s, **_: SyntheticTask.score(s, s["response"]),
+    "math": lambda s, **_: math_correct(s["response"], s["answer"]) if s.get("answer") is not None else 0.0,
+    "refusal": lambda s, **_: float(is_refusal(s["response"]) == bool(s.get("unsafe"))),
+    "length": lambda s, budget=16, per_token=0.05, **_: length_penalty(len(s["response"].split()), budget, per_token),
+    "format": lambda s, pattern=r"Final Answer:", **_: regex_format(s["response"], pattern),
+}
+
+
+@dataclass
+class RouterResult:
+    scores: torch.Tensor  # (n,) weighted sum per sample
+    components: dict[str, torch.Tensor]  # name → (n,), NaN where a sample's route lacks it
+    by_condition: dict[str, dict[str, float]]  # condition → {"reward": mean, "<component>": mean, "count": n}
+
+
+class RewardRouter:
+    def __init__(
+        self,
+        routes: dict[str, dict[str, float]],
+        reward_model: torch.nn.Module | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        conditions: dict[str, str] | None = None,
+        stats: dict[str, dict[str, float]] | None = None,
+        reward_token_id: int | None = None,
+        verifier_args: dict[str, dict[str, Any]] | None = None,
+        row_tokens: int = 2048,
+    ):
+        for condition, route in routes.items():
+            unknown = set(route) - set(VERIFIERS) - {"rm"}
+            if unknown:
+                raise ValueError(f"route {condition!r}: unknown components {sorted(unknown)}; choose from rm, {', '.join(VERIFIERS)}")
+            if "rm" in route and reward_model is None:
+                raise ValueError(f"route {condition!r} uses 'rm' but no reward model was given")
+        self.routes, self.model, self.tokenizer = routes, reward_model, tokenizer
+        self.conditions, self.stats = conditions or {}, stats or {}
+        self.reward_token_id, self.verifier_args, self.row_tokens = reward_token_id, verifier_args or {}, row_tokens
+
+    def route(self, condition: str) -> dict[str, float]:
+        if condition in self.routes:
+            return self.routes[condition]
+        if "default" in self.routes:
+            return self.routes["default"]
+        raise KeyError(f"no route for condition {condition!r} (routes: {sorted(self.routes)})")
+
+    @torch.no_grad()
+    def rm_scores(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Reward-model scores, packed many samples to a row; normalised per condition when stats are known."""
+        docs = [render_for_reward(self.tokenizer, self.conditions, s["condition"], s["prompt"], s["response"], self.reward_token_id) for s in samples]
+        device = next(self.model.parameters()).device
+        out = torch.empty(len(docs))
+        for row in pack_best_fit([len(d) for d in docs], max(self.row_tokens, max(map(len, docs)))):
+            input_ids, position_ids, ends, _ = pack_documents([[docs[i] for i in row]], self.tokenizer.pad_token_id)
+            out[row] = packed_scores(self.model, input_ids.to(device), position_ids.to(device), ends.to(device)).cpu()
+        for i, s in enumerate(samples):
+            stat = self.stats.get(s["condition"])
+            if stat:
+                out[i] = (out[i] - stat["mean"]) / max(stat["std"], 1e-6)
+        return out
+
+    def score(self, samples: Sequence[Sample]) -> RouterResult:
+        routes = [self.route(s["condition"]) for s in samples]
+        names = sorted({name for r in routes for name in r})
+        components = {name: torch.full((len(samples),), float("nan")) for name in names}
+        rm_idx = [i for i, r in enumerate(routes) if "rm" in r]
+        if rm_idx:
+            components["rm"][rm_idx] = self.rm_scores([samples[i] for i in rm_idx])
+        for name in names:
+            if name == "rm":
+                continue
+            fn, kwargs = VERIFIERS[name], self.verifier_args.get(name, {})
+            for i, route in enumerate(routes):
+                if name in route:
+                    components[name][i] = fn(samples[i], **kwargs)
+        total = torch.zeros(len(samples))
+        for i, route in enumerate(routes):
+            total[i] = sum(weight * components[name][i] for name, weight in route.items())
+        return RouterResult(total, components, self._breakdown(samples, total, components))
+
+    @staticmethod
+    def _breakdown(samples: Sequence[Sample], total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(samples):
+            groups[s["condition"]].append(i)
+        out = {}
+        for condition, idx in sorted(groups.items()):
+            entry = {"reward": float(total[idx].mean()), "count": len(idx)}
+            for name, values in components.items():
+                vals = values[idx]
+                vals = vals[~vals.isnan()]
+                if len(vals):
+                    entry[name] = float(vals.mean())
+            out[condition] = entry
+        return out
