@@ -1,0 +1,84 @@
+"""`align rm` end to end: from a local SFT-style checkpoint, 2-rank ZeRO-3, recipes, missing-checkpoint hint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from align.config import RMRecipe, load_recipe
+from tests.conftest import ALIGN, ROOT, run_env
+
+RM_QUICKSTART = str(ROOT / "configs" / "rm" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory) -> Path:
+    """A tiny causal LM saved like `align sft` saves its export (weights + tokenizer)."""
+    from align.config import ModelConfig
+    from align.engine.models import load_causal_lm, load_tokenizer
+
+    out = tmp_path_factory.mktemp("sft") / "model"
+    cfg = ModelConfig(name_or_path="builtin:tiny")
+    tok = load_tokenizer(cfg)
+    load_causal_lm(cfg, tok, torch.float32, seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def rm_overrides(out: Path, model: Path | str, steps: int = 6, **extra: object) -> list[str]:
+    base = {"output_dir": str(out), "model.name_or_path": str(model), "data.synthetic.train_rows": 120, "data.synthetic.eval_rows": 30,
+            "train.max_steps": steps, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.log_every": 1,
+            "logging.progress": False, "logging.wandb": False}
+    base.update(extra)
+    return [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+
+
+def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+def test_rm_from_sft_checkpoint_writes_accuracy_by_condition(tmp_path, sft_checkpoint):
+    out = tmp_path / "rm"
+    proc = run(ALIGN + ["rm", "--config", RM_QUICKSTART] + rm_overrides(out, sft_checkpoint), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "pairwise accuracy" in proc.stdout
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    assert set(metrics["accuracy_by_condition"]) == {"math", "concise", "harmless"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["accuracy_by_condition"].values())
+    assert set(metrics["reward_stats"]) == {"math", "concise", "harmless"} and 0.0 <= metrics["near_barrier_share"] <= 1.0
+    stats = json.loads((out / "model" / "reward_stats.json").read_text())
+    assert stats["stats"] == metrics["reward_stats"] and "math" in stats["conditions"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out / "model")  # plain transformers
+    assert reloaded.config.num_labels == 1
+
+
+def test_missing_sft_checkpoint_says_which_command_makes_it(tmp_path):
+    proc = run(ALIGN + ["rm", "--config", RM_QUICKSTART] + rm_overrides(tmp_path / "rm", "runs/no-such-sft/model"), tmp_path)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "align sft --config configs/sft/quickstart.yaml" in proc.stderr
+
+
+def test_rm_two_rank_zero3(tmp_path, sft_checkpoint):
+    out = tmp_path / "rm2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+           str(ROOT / "configs/accelerate/zero3.yaml"), "--main_process_port", "0", "-m", "align", "rm", "--config", RM_QUICKSTART]
+    proc = run(cmd + rm_overrides(out, sft_checkpoint, steps=3), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["deepspeed"] and summary["metrics"]["eval_pairs"] == 30
+    assert proc.stdout.count("pairwise accuracy") == 1  # one report per job
+
+
+def test_internlm2_recipe_matches_paper():
+    r = load_recipe(RMRecipe, ROOT / "configs" / "recipes" / "internlm2_conditional_rm.yaml")
+    assert (r.reward.loss, r.reward.gamma, r.reward.barrier_weight, r.reward.bound) == ("focal_ranking", 2.0, 0.02, 5.0)
+    assert r.data.max_length == 8192 and r.train.micro_batch_size * 2 * r.data.max_length == 16384
+    assert (r.optim.lr, r.optim.lr * r.optim.min_lr_ratio, r.optim.weight_decay, r.train.epochs) == (1e-5, 5e-6, 0.01, 1.0)
+    assert {"helpful", "harmless", "code", "math"} <= set(r.reward.conditions)
+    assert load_recipe(RMRecipe, RM_QUICKSTART).reward.loss == "focal_ranking"
