@@ -65,37 +65,27 @@ class Problem:
         }
 
 
-def worked_solution(a: int, b: int, slip: tuple[int, int] | None = None) -> str:
-    """Column-wise addition from the units digit up, then the total: '47+85: 7+5=12, 4+8+1=13. Final Answer: 132'.
-
-    `slip=(column, delta)` writes a wrong sum in one column and carries on consistently from it: a
-    flawed solution whose error is an addition fact, not a copying mistake.
-    """
+def worked_solution(a: int, b: int) -> str:
+    """Column-wise addition from the units digit up, then the total: '47+85: 7+5=12, 4+8+1=13. Final Answer: 132'."""
     da, db = str(a)[::-1], str(b)[::-1]
-    carry, steps, digits = 0, [], []
+    carry, steps = 0, []
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
-        total = x + y + carry + (slip[1] if slip and slip[0] == i else 0)
+        total = x + y + carry
         steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
-        digits.append(total % 10)
         carry = total // 10
-    answer = int((str(carry) if carry else "") + "".join(map(str, reversed(digits))))
-    return f"{a}+{b}: {', '.join(steps)}. Final Answer: {answer}"
-
-
-def flawed_solution(rng: random.Random, a: int, b: int) -> str:
-    """A worked solution with one wrong column sum (off by 1 or 2) and a final answer that follows from it."""
-    columns = max(len(str(a)), len(str(b)))
-    column = rng.randrange(columns)
-    da, db = str(a)[::-1], str(b)[::-1]
-    base = (int(da[column]) if column < len(da) else 0) + (int(db[column]) if column < len(db) else 0)
-    deltas = [d for d in (1, -1, 2, -2) if base + d >= 0]
-    return worked_solution(a, b, (column, rng.choice(deltas)))
+    return f"{a}+{b}: {', '.join(steps)}. Final Answer: {a + b}"
 
 
 def concise_solution(a: int, b: int) -> str:
     return f"Final Answer: {a + b}"
+
+
+def wrong_total(rng: random.Random, total: int) -> int:
+    """A plausible wrong sum: off by a power of ten or by one in the units digit."""
+    delta = rng.choice((1, -1, 10, -10, 100, -100))
+    return total + delta if total + delta >= 0 else total + abs(delta)
 
 
 def _is_heldout(key: str) -> bool:
@@ -185,8 +175,9 @@ class SyntheticTask:
                 chosen, rejected = worked_solution(*p.operands), REFUSAL_TEXT
             elif p.condition == "concise" and rng.random() < 0.5:  # among correct answers, shorter wins
                 chosen, rejected = concise_solution(*p.operands), worked_solution(*p.operands)
-            else:  # correct beats wrong: the wrong one slips on one addition fact, checkable from the text
-                chosen, rejected = worked_solution(*p.operands), flawed_solution(rng, *p.operands)
+            else:  # correct beats wrong; shown with work so the error is checkable from the text
+                chosen = worked_solution(*p.operands)
+                rejected = chosen.rsplit("Final Answer: ", 1)[0] + f"Final Answer: {wrong_total(rng, p.answer)}"
             rows.append({"prompt": [*map(dict, p.messages)], "chosen": chosen, "rejected": rejected, "condition": p.condition})
         return rows
 
