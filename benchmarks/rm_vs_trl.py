@@ -1,0 +1,266 @@
+"""Reward-model throughput and memory: align's `RMTrainer` against TRL's `RewardTrainer`, same model, pairs and batch.
+
+Both sides train the same randomly initialised Llama reward model (`rewards.model.load_reward_model`
+on align's `builtin:*` shape, same seed: `LlamaForSequenceClassification`, one label, zeroed head;
+TRL is handed the model object) on the same synthetic comparison pairs (`SyntheticTask.preference_pairs`
+through `rewards.data.build_pairs`, condition system prompts included), with the Bradley-Terry loss
+(align: `reward.loss=bradley_terry reward.barrier_weight=0`, TRL's only loss), the same optimizer
+(AdamW, same lr/betas/eps, no weight decay), schedule, step count and torch threads, fp32. Each side
+runs in its own subprocess so peak RSS (`ru_maxrss`) is its own; the parent checks that both started
+from the same weights and pairs, prints a table and, last, the line
+`RESULT align/trl tokens_per_s=<ratio> peak_rss=<ratio>`.
+
+Batch: align packs whole pairs (chosen and rejected side by side, documents kept apart) into rows of
+up to 2·max_length tokens and trains `--batch` such rows per step; TRL's batch is in pairs, set to
+align's average pairs per step (`--batch` × pairs / packed rows over the data set), so both train
+about as many pairs, and tokens, per step. The table reports both.
+
+TRL is given its fastest correct configuration: fp32 on CPU (bf16 is far slower there), no gradient
+checkpointing, no logging/eval/saving during the run, `dataloader_num_workers=0`, and its default
+`pad_to_multiple_of=None` (each batch padded to its longest document). TRL 1.16's `RewardTrainer` has
+no `padding_free` or packing option: its collator always right-pads the chosen and rejected documents
+into 2·batch rows and scores at the last non-pad token. It is given the pairs pre-tokenised
+(`chosen_ids`/`rejected_ids`, which it trains on as they are), so both sides see identical tokens:
+TRL's own chat-template tokenisation of the same conversations would append a newline after each
+final `<|im_end|>`, one token per document more than align's `render_for_reward`.
+
+Tokens/s counts trained non-padding tokens (align: its batches' non-pad tokens; TRL: the attention
+mask) over the wall time of the steps after `--warmup` steps, excluding model/data setup; steps/s
+likewise. CPU only.
+
+    python benchmarks/rm_vs_trl.py --quick          # < 3 min on 2 CPU cores
+    python benchmarks/rm_vs_trl.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_vs_trl import ENV, REPO, install_trl_shim, steady_rate  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps (< 3 min on 2 cores)")
+    p.add_argument("--model", default="builtin:small", help="builtin:tiny|small")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 20 quick, 50 full)")
+    p.add_argument("--warmup", type=int, default=3, help="leading steps left out of the rates")
+    p.add_argument("--batch", type=int, default=8, help="align: packed rows per step (TRL: as many pairs as these hold on average)")
+    p.add_argument("--max-length", type=int, default=256, help="per document; align's rows hold 2x this")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0, help="model init, data and shuffling")
+    p.add_argument("--child", choices=["align", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.steps = args.steps or (20 if args.quick else 50)
+    # enough pairs for every step: ~3 pairs (~150 tokens each) fill a 512-token row; no step repeats a pair
+    args.pairs = max(512, args.steps * args.batch * max(4, args.max_length // 48))
+    return args
+
+
+def recipe(args: argparse.Namespace, output_dir: Path) -> Any:
+    """The RM recipe both sides build from: configs/rm/quickstart.yaml on a random `builtin:*` model."""
+    from align.config import RMRecipe, load_recipe
+
+    overrides = [
+        f"output_dir={output_dir}", f"model.name_or_path={args.model}", "model.dtype=float32",
+        "model.gradient_checkpointing=false", "model.lora.enabled=false", "data.train=[{path: synthetic}]",
+        f"data.max_length={args.max_length}", "data.packing=true",
+        f"data.synthetic={{seed: {args.seed}, digits: 2, concise_share: 0.7, train_rows: {args.pairs}, eval_rows: 8}}",
+        f"optim={{lr: {args.lr}, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, schedule: cosine, warmup_steps: 10, "
+        "min_lr_ratio: 0.1, max_grad_norm: 1.0}",
+        f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}", f"train.max_steps={args.steps}",
+        f"train.seed={args.seed}", "train.log_every=1", "train.resume=false", "train.save_every=0", "train.eval_every=0",
+        "logging.wandb=false", "logging.progress=false", "reward.loss=bradley_terry", "reward.barrier_weight=0",
+    ]  # fmt: skip
+    return load_recipe(RMRecipe, REPO / "configs/rm/quickstart.yaml", overrides)
+
+
+def digest(model: Any, pairs: list[Any]) -> dict[str, str]:
+    """Fingerprints of the initial weights and of the training pairs, compared by the parent."""
+    weights, data = hashlib.sha256(), hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        weights.update(name.encode() + param.detach().cpu().contiguous().numpy().tobytes())
+    for pair in pairs:
+        data.update(json.dumps([pair.chosen, pair.rejected]).encode())
+    return {"weights": weights.hexdigest()[:16], "data": data.hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------- children
+def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    os.cpu_count = lambda: args.threads  # align's Engine sizes torch threads from the CPU count
+    shim = install_trl_shim()
+    from align.runner import run_job
+    from rewards.trainer import RMTrainer
+
+    seen: dict[str, Any] = {"pairs": [], "positions": []}
+
+    class MeasuredRMTrainer(RMTrainer):  # records, changes nothing
+        def setup(self) -> None:
+            super().setup()
+            seen.update(digest(self.model, self.pairs), packed_rows=len(self.train_rows))
+
+        def units(self, row_ids: Any, split: str = "train") -> dict[str, float]:
+            units = super().units(row_ids, split)
+            if split == "train":
+                seen["pairs"].append(units["pairs"])
+            return units
+
+        def collate(self, row_ids: Any, split: str = "train") -> Any:
+            batch = super().collate(row_ids, split)
+            if split == "train":
+                seen["positions"].append(batch.input_ids.numel())
+            return batch
+
+    summary = run_job(MeasuredRMTrainer, recipe(args, work / "align"))
+    records = [json.loads(line) for line in (work / "align" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *records], records)]
+    seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, records)]
+    ends = [sum(seconds[: i + 1]) for i in range(len(seconds))]
+    with torch.device("meta"):  # parameter count of the model as trained, without loading weights
+        params = sum(p.numel() for p in LlamaForSequenceClassification(LlamaConfig.from_pretrained(work / "align" / "model")).parameters())
+    return {**steady_rate(tokens, ends, 0.0, args.warmup), "steps": summary["steps"], "tokens": summary["tokens"],
+            "pairs": sum(seen["pairs"]), "positions": sum(seen["positions"]), "weights": seen["weights"], "data": seen["data"],
+            "threads": torch.get_num_threads(), "params": params, "mean_loss": statistics.fmean(r["loss"] for r in records),
+            "config": f"packed pairs, {args.batch} rows of <= {2 * args.max_length}{' (trl shim)' if shim else ''}"}  # fmt: skip
+
+
+def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from align.engine.models import load_tokenizer
+    from data_builders.bad_rows import BadRowPolicy
+    from data_builders.packing import build_rows
+    from rewards.data import build_pairs
+    from rewards.model import load_reward_model
+
+    torch.set_num_threads(args.threads)
+    rcp = recipe(args, work / "unused")
+    tokenizer = load_tokenizer(rcp.model)
+    model = load_reward_model(rcp.model, tokenizer, torch.float32, seed=rcp.train.seed)  # as RMTrainer.setup does
+    pairs = build_pairs(rcp.data.train, rcp.data, rcp.reward.conditions, tokenizer, BadRowPolicy(rcp.data.on_bad_row))
+    fingerprint = digest(model, pairs)
+    packed_rows = len(build_rows(pairs, 2 * args.max_length, True))
+    batch = round(args.batch * len(pairs) / packed_rows)  # align's average pairs per step
+    rows = [{"chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]  # margins are all 0: none passed
+    config = RewardConfig(
+        output_dir=str(work / "trl"), max_steps=args.steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=10, seed=args.seed, bf16=False, use_cpu=True,
+        gradient_checkpointing=False, max_length=args.max_length, report_to="none", logging_strategy="no",
+        save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    tokens: list[int] = []
+    positions: list[int] = []
+    step_pairs: list[int] = []
+    ends: list[float] = []
+    start = [0.0]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            if not ends:
+                start[0] = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            ends.append(time.perf_counter())
+
+    class CountingRewardTrainer(RewardTrainer):
+        def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+            tokens.append(int(inputs["attention_mask"].sum()))
+            positions.append(inputs["input_ids"].numel())
+            step_pairs.append(inputs["input_ids"].shape[0] // 2)
+            return super().training_step(model, inputs, *rest, **kw)
+
+    trainer = CountingRewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                                    processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
+    out = trainer.train()
+    return {**steady_rate(tokens, ends, start[0], args.warmup), "steps": len(ends), "tokens": sum(tokens),
+            "pairs": sum(step_pairs), "positions": sum(positions), "weights": fingerprint["weights"], "data": fingerprint["data"],
+            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()), "mean_loss": out.training_loss,
+            "config": f"padded, batch {batch} pairs ({2 * batch} rows)", "packed_rows": packed_rows}  # fmt: skip
+
+
+def child(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"rm_vs_trl_{args.child}_") as tmp:
+        result = (run_align if args.child == "align" else run_trl)(args, Path(tmp))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from align.builtin import builtin_shape
+
+    result["shape"] = builtin_shape(args.model)
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- parent
+def spawn(args: argparse.Namespace, side: str, work: Path) -> dict[str, Any]:
+    out = work / f"{side}.json"
+    argv = [a for a in sys.argv[1:] if a != "--quick"]
+    cmd = [sys.executable, __file__, *argv, "--steps", str(args.steps), "--child", side, "--out", str(out)]
+    print(f"--- {side}: {args.steps} steps ...", end=" ", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
+        raise SystemExit(f"{side} child failed with exit code {proc.returncode}")
+    result = json.loads(out.read_text())
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        return child(args)
+    print(f"{args.model} reward model on cpu (fp32), Bradley-Terry loss, documents <= {args.max_length} tokens, "
+          f"align {args.batch} packed rows per step, {args.steps} steps of which the first {args.warmup} are not timed, "
+          f"{args.threads} threads")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="rm_vs_trl_") as tmp:
+        results = {side: spawn(args, side, Path(tmp)) for side in ("align", "trl")}
+    print(f"\n{'run':<6} {'configuration':<34} {'pairs/step':>10} {'tokens/step':>11} {'pad %':>6} {'tokens':>7} {'steps/s':>8} "
+          f"{'tokens/s':>9} {'median step':>12} {'peak RSS MiB':>13} {'timed s':>8}")  # fmt: skip
+    for name, r in results.items():
+        timed_steps = r["steps"] - min(args.warmup, r["steps"] - 1)
+        pad = 1 - r["tokens"] / r["positions"]
+        print(f"{name:<6} {r['config']:<34} {r['pairs'] / r['steps']:>10.1f} {r['tokens'] / r['steps']:>11.0f} {pad:>6.1%} "
+              f"{r['tokens']:>7} {timed_steps / r['timed_s']:>8.2f} {r['tokens_per_s']:>9.0f} {r['median_step_tokens_per_s']:>12.0f} "
+              f"{r['peak_rss_mib']:>13.0f} {r['timed_s']:>8.2f}")  # fmt: skip
+    a, t = results["align"], results["trl"]
+    for name, r in results.items():
+        if abs(r["tokens_per_s"] / r["median_step_tokens_per_s"] - 1) > 0.2:
+            print(f"WARNING: {name}'s tokens/s is more than 20% off its median step's: its steps varied, the machine was probably busy")
+    for key, what in (
+        ("shape", "model shapes (align/builtin.py changed between the runs?)"),
+        ("weights", "initial weights"),
+        ("data", "training pairs"),
+    ):
+        if a[key] != t[key]:
+            print(f"WARNING: the sides trained different {what}: {a[key]} != {t[key]}")
+    print(f"model {a['shape']} + scalar head, {a['params'] / 1e6:.2f}M parameters, same initial weights ({a['weights']}) and "
+          f"pairs ({a['data']}); tokens = trained (non-pad) tokens over all steps, pad % = padding share of the positions fed; "
+          "steps/s, tokens/s and median step exclude the warm-up steps")  # fmt: skip
+    print(f"mean train loss over the run (each side shuffles the pairs its own way): align {a['mean_loss']:.4f}, TRL {t['mean_loss']:.4f}")
+    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
