@@ -136,14 +136,21 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class SFTRecipe:
-    output_dir: str = "runs/sft"
+class RunRecipe:
+    """The sections every job has; each method's recipe adds its own (SFT: eval, RM: reward)."""
+
+    output_dir: str = "runs/run"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+@dataclasses.dataclass
+class SFTRecipe(RunRecipe):
+    output_dir: str = "runs/sft"
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
@@ -167,14 +174,9 @@ class RewardConfig:
 
 
 @dataclasses.dataclass
-class RMRecipe:
+class RMRecipe(RunRecipe):
     output_dir: str = "runs/rm"
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
-    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
 
 

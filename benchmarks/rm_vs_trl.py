@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import ENV, REPO, install_trl_shim, steady_rate  # noqa: E402
+from sft_vs_trl import ENV, REPO, align_step_times, install_trl_shim, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,11 +129,7 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             return batch
 
     summary = run_job(MeasuredRMTrainer, recipe(args, work / "align"))
-    records = [json.loads(line) for line in (work / "align" / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "tokens_per_s" in r]
-    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *records], records)]
-    seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, records)]
-    ends = [sum(seconds[: i + 1]) for i in range(len(seconds))]
+    tokens, ends, records = align_step_times(work / "align" / "metrics.jsonl")
     with torch.device("meta"):  # parameter count of the model as trained, without loading weights
         params = sum(p.numel() for p in LlamaForSequenceClassification(LlamaConfig.from_pretrained(work / "align" / "model")).parameters())
     return {**steady_rate(tokens, ends, 0.0, args.warmup), "steps": summary["steps"], "tokens": summary["tokens"],
@@ -145,7 +141,6 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import datasets
     import torch
-    from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
     from align.engine.models import load_tokenizer
@@ -164,26 +159,12 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     batch = round(args.batch * len(pairs) / packed_rows)  # align's average pairs per step
     rows = [{"chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]  # margins are all 0: none passed
     config = RewardConfig(
-        output_dir=str(work / "trl"), max_steps=args.steps, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=10, seed=args.seed, bf16=False, use_cpu=True,
-        gradient_checkpointing=False, max_length=args.max_length, report_to="none", logging_strategy="no",
-        save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-    )  # fmt: skip
+        **trl_training_args(args, work), per_device_train_batch_size=batch, bf16=False, use_cpu=True, max_length=args.max_length
+    )
     tokens: list[int] = []
     positions: list[int] = []
     step_pairs: list[int] = []
-    ends: list[float] = []
-    start = [0.0]
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            if not ends:
-                start[0] = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            ends.append(time.perf_counter())
+    timer = step_timer()
 
     class CountingRewardTrainer(RewardTrainer):
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
@@ -193,9 +174,9 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             return super().training_step(model, inputs, *rest, **kw)
 
     trainer = CountingRewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                                    processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
+                                    processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     out = trainer.train()
-    return {**steady_rate(tokens, ends, start[0], args.warmup), "steps": len(ends), "tokens": sum(tokens),
+    return {**steady_rate(tokens, timer.ends, timer.start, args.warmup), "steps": len(timer.ends), "tokens": sum(tokens),
             "pairs": sum(step_pairs), "positions": sum(positions), "weights": fingerprint["weights"], "data": fingerprint["data"],
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()), "mean_loss": out.training_loss,
             "config": f"padded, batch {batch} pairs ({2 * batch} rows)", "packed_rows": packed_rows}  # fmt: skip

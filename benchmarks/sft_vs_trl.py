@@ -131,21 +131,58 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ]  # fmt: skip
     recipe = load_recipe(SFTRecipe, REPO / "configs/sft/quickstart.yaml", overrides)
     summary = run_job(SFTTrainer, recipe)
-    records = [json.loads(line) for line in (work / "align" / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "tokens_per_s" in r]
-    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *records], records)]
-    seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, records)]
-    ends = [sum(seconds[: i + 1]) for i in range(len(seconds))]
+    tokens, ends, _ = align_step_times(work / "align" / "metrics.jsonl")
     with torch.device("meta"):  # parameter count of the model as trained, without loading weights
         params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig.from_pretrained(work / "align" / "model")).parameters())
     return {**steady_rate(tokens, ends, 0.0, args.warmup), "steps": summary["steps"], "tokens": summary["tokens"],
             "threads": torch.get_num_threads(), "config": f"packed best-fit, batch {args.batch} rows{' (trl shim)' if shim else ''}", "params": params}  # fmt: skip
 
 
+def align_step_times(metrics_path: Path) -> tuple[list[int], list[float], list[dict[str, Any]]]:
+    """Per-step trained tokens and cumulative step end times from an align run logged every step."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *records], records)]
+    seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, records)]
+    return tokens, [sum(seconds[: i + 1]) for i in range(len(seconds))], records
+
+
+def trl_training_args(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The TrainingArguments both TRL peers share: same optimizer and schedule as align, no logging, saving or eval."""
+    return dict(
+        output_dir=str(work / "trl"), max_steps=args.steps, gradient_accumulation_steps=1, learning_rate=args.lr,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=10, seed=args.seed,
+        gradient_checkpointing=False, report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+
+
+def step_timer(cuda_sync: bool = False) -> Any:
+    """A TrainerCallback recording when the first step starts (`.start`) and when each step ends (`.ends`)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.start, self.ends = 0.0, []
+
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            if not self.ends:
+                self.start = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            if cuda_sync:
+                import torch
+
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
 def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import datasets
     import torch
-    from transformers import TrainerCallback
 
     try:
         from trl import SFTConfig, SFTTrainer
@@ -168,28 +205,12 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         lengths = [len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows]
         batch = round(args.batch * len(rows) / len(pack_best_fit(lengths, args.max_length)))
     config = SFTConfig(
-        output_dir=str(work / "trl"), max_steps=args.steps, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=10, seed=args.seed, bf16=args.device == "cuda",
-        use_cpu=args.device == "cpu", gradient_checkpointing=False, assistant_only_loss=True,
-        packing=packing, packing_strategy="bfd", padding_free=True, max_length=args.max_length if packing else None,
-        report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0,
+        **trl_training_args(args, work), per_device_train_batch_size=batch, bf16=args.device == "cuda",
+        use_cpu=args.device == "cpu", assistant_only_loss=True, packing=packing, packing_strategy="bfd", padding_free=True,
+        max_length=args.max_length if packing else None,
     )  # fmt: skip
     tokens: list[int] = []
-    ends: list[float] = []
-    start = [0.0]
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            if not ends:
-                start[0] = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
+    timer = step_timer(cuda_sync=args.device == "cuda")
 
     class CountingSFTTrainer(SFTTrainer):
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
@@ -198,9 +219,9 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             return super().training_step(model, inputs, *rest, **kw)
 
     trainer = CountingSFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                                 processing_class=tokenizer, callbacks=[Timer()])  # fmt: skip
+                                 processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     trainer.train()
-    return {**steady_rate(tokens, ends, start[0], args.warmup), "steps": len(ends), "tokens": sum(tokens), "threads": torch.get_num_threads(),
+    return {**steady_rate(tokens, timer.ends, timer.start, args.warmup), "steps": len(timer.ends), "tokens": sum(tokens), "threads": torch.get_num_threads(),
             "config": f"{'packing bfd (padding-free)' if packing else 'no packing, padding_free'}, batch {batch}",
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
