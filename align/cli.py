@@ -16,26 +16,31 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
+def _train(trainer_cls: type, args: argparse.Namespace) -> int:
     from align.runner import run_job
-    from align.trainers.sft import SFTTrainer
 
-    recipe = load_recipe(SFTRecipe, args.config, args.overrides)
-    summary = run_job(SFTTrainer, recipe)
+    summary = run_job(trainer_cls, load_recipe(trainer_cls.recipe_type, args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0":  # one report per job, not per rank
         _print_result(summary)
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from align.trainers.sft import SFTTrainer
+
+    return _train(SFTTrainer, args)
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
-    from align.config import RMRecipe
-    from align.runner import run_job
     from rewards.trainer import RMTrainer
 
-    summary = run_job(RMTrainer, load_recipe(RMRecipe, args.config, args.overrides))
-    if os.environ.get("RANK", "0") == "0":
-        _print_result(summary)
-    return 0
+    return _train(RMTrainer, args)
+
+
+def cmd_mpo(args: argparse.Namespace) -> int:
+    from align.trainers.mpo import MPOTrainer
+
+    return _train(MPOTrainer, args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -69,6 +74,9 @@ def _print_result(summary: dict) -> None:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("accuracy_by_condition", {}).items())
         label = "pairwise accuracy" if summary["job"] == "rm" else "task accuracy"
         print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by})")
+    if "preference_accuracy" in metrics:
+        by = ", ".join(f"{k} {v:.1%}" for k, v in metrics["preference_accuracy_by_condition"].items())
+        print(f"[{summary['job']}] held-out preference accuracy (implicit reward) {metrics['preference_accuracy']:.1%} ({by})")
     print(f"[{summary['job']}] {summary['steps']} steps, {summary['tokens']} tokens, {summary['wall_s']:.0f} s; model: {summary['model_path']}")
 
 
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="conditional reward model on comparison pairs (ranking loss + log barrier)")
     _add_common(rm)
     rm.set_defaults(func=cmd_rm)
+    mpo = sub.add_parser("mpo", help="mixed preference optimisation: DPO + BCO + NLL (InternVL2.5-MPO)")
+    _add_common(mpo)
+    mpo.set_defaults(func=cmd_mpo)
     ev = sub.add_parser("eval", help="task accuracy per condition on held-out prompts")
     _add_common(ev, config_required=False)
     ev.add_argument("--model", help="model directory, hub name or builtin:NAME (overrides model.name_or_path)")

@@ -63,6 +63,7 @@ class SyntheticConfig:
     train_rows: int = 6000
     eval_rows: int = 300
     concise_share: float = 0.7
+    system_share: float = 0.5  # SFT rows opening with a generic system prompt (robust to the RM's condition prompts)
 
 
 @dataclasses.dataclass
@@ -76,6 +77,10 @@ class DataConfig:
     max_truncated_share: float = 0.05  # more truncated rows than this is an error
     on_bad_row: Literal["error", "skip"] = "error"
     loss_reduction: Literal["token", "sample", "sqrt"] = "token"
+    # preference pairs: compute the shared prompt once per pair ([prefix | chosen | rejected] with a 4-D mask);
+    # null (auto) = on unless the attention cannot take a 4-D mask (flash-attention)
+    share_prefix: bool | None = None
+    pair_row_tokens: int | None = None  # tokens per packed row of pairs; default 2·max_length (the longest pair)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
 
@@ -178,6 +183,33 @@ class RMRecipe(RunRecipe):
     output_dir: str = "runs/rm"
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+
+
+def _mpo_losses() -> dict[str, float]:
+    return {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0}
+
+
+@dataclasses.dataclass
+class MPOConfig:
+    """Mixed preference optimisation (InternVL2.5-MPO): weighted registered losses over policy/reference log-ratios."""
+
+    beta: float = 0.1
+    # name → weight; names from align/losses/preference.py (sigmoid, bco_pair, sft, sft_sequence, ipo, hinge)
+    losses: dict[str, float] = dataclasses.field(default_factory=_mpo_losses)
+    running_delta: bool = True  # BCO's δ = running mean of past rewards; false pins δ = 0 (TRL 1.16's bco_pair)
+    # where reference log-probs come from: a frozen copy (ZeRO-3 eval partitioning under DeepSpeed),
+    # the policy with its LoRA adapters disabled, or one pass before training cached on disk
+    reference: Literal["model", "adapters", "precomputed"] = "model"
+    reference_path: str | None = None  # default: model.name_or_path (the starting policy)
+    cache_dir: str = "runs/.cache/reference_logprobs"  # precomputed log-probs, keyed by data and model identity
+
+
+@dataclasses.dataclass
+class MPORecipe(RunRecipe):
+    output_dir: str = "runs/mpo"
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
+    mpo: MPOConfig = dataclasses.field(default_factory=MPOConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -10,10 +10,12 @@ runs in its own subprocess so peak RSS (`ru_maxrss`) is its own; the parent chec
 from the same weights and pairs, prints a table and, last, the line
 `RESULT align/trl tokens_per_s=<ratio> peak_rss=<ratio>`.
 
-Batch: align packs whole pairs (chosen and rejected side by side, documents kept apart) into rows of
-up to 2·max_length tokens and trains `--batch` such rows per step; TRL's batch is in pairs, set to
+Batch: align packs whole pairs as shared-prefix units (`[prefix | chosen | rejected]`, the prompt
+computed once, a 4-D mask keeping the two responses apart; `data_builders/pair_rows.py`) into rows of
+up to `--row-tokens` tokens and trains `--batch` such rows per step; TRL's batch is in pairs, set to
 align's average pairs per step (`--batch` × pairs / packed rows over the data set), so both train
-about as many pairs, and tokens, per step. The table reports both.
+about as many pairs per step. The table reports both. `--no-share-prefix` turns the sharing off
+(chosen and rejected then sit side by side as two packed documents).
 
 TRL is given its fastest correct configuration: fp32 on CPU (bf16 is far slower there), no gradient
 checkpointing, no logging/eval/saving during the run, `dataloader_num_workers=0`, and its default
@@ -24,9 +26,11 @@ into 2·batch rows and scores at the last non-pad token. It is given the pairs p
 TRL's own chat-template tokenisation of the same conversations would append a newline after each
 final `<|im_end|>`, one token per document more than align's `render_for_reward`.
 
-Tokens/s counts trained non-padding tokens (align: its batches' non-pad tokens; TRL: the attention
-mask) over the wall time of the steps after `--warmup` steps, excluding model/data setup; steps/s
-likewise. CPU only.
+Tokens/s counts the pairs' sequence tokens, len(chosen) + len(rejected) as rendered, the same unit
+for both sides (TRL: its attention mask's non-pad tokens, which are exactly these; align: the same sum
+over its batches' pairs, though it feeds fewer, shown as `fed`), over the wall time of the steps after
+`--warmup` steps, excluding model/data setup; steps/s likewise. The ratio is therefore the ratio of
+pairs trained per second. CPU only.
 
     python benchmarks/rm_vs_trl.py --quick          # < 3 min on 2 CPU cores
     python benchmarks/rm_vs_trl.py
@@ -40,15 +44,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import ENV, REPO, align_step_times, install_trl_shim, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, install_trl_shim, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 20 quick, 50 full)")
     p.add_argument("--warmup", type=int, default=3, help="leading steps left out of the rates")
     p.add_argument("--batch", type=int, default=8, help="align: packed rows per step (TRL: as many pairs as these hold on average)")
-    p.add_argument("--max-length", type=int, default=256, help="per document; align's rows hold 2x this")
+    p.add_argument("--max-length", type=int, default=256, help="per document")
+    p.add_argument("--row-tokens", type=int, default=256, help="align: tokens per packed row (the quickstart's data.pair_row_tokens)")
+    p.add_argument("--no-share-prefix", action="store_true", help="align: chosen and rejected as two documents (no prefix sharing)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0, help="model init, data and shuffling")
@@ -78,7 +82,8 @@ def recipe(args: argparse.Namespace, output_dir: Path) -> Any:
     overrides = [
         f"output_dir={output_dir}", f"model.name_or_path={args.model}", "model.dtype=float32",
         "model.gradient_checkpointing=false", "model.lora.enabled=false", "data.train=[{path: synthetic}]",
-        f"data.max_length={args.max_length}", "data.packing=true",
+        f"data.max_length={args.max_length}", "data.packing=true", f"data.pair_row_tokens={args.row_tokens}",
+        f"data.share_prefix={'false' if args.no_share_prefix else 'true'}",
         f"data.synthetic={{seed: {args.seed}, digits: 2, concise_share: 0.7, train_rows: {args.pairs}, eval_rows: 8}}",
         f"optim={{lr: {args.lr}, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, schedule: cosine, warmup_steps: 10, "
         "min_lr_ratio: 0.1, max_grad_norm: 1.0}",
@@ -109,7 +114,7 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from align.runner import run_job
     from rewards.trainer import RMTrainer
 
-    seen: dict[str, Any] = {"pairs": [], "positions": []}
+    seen: dict[str, Any] = {"pairs": [], "positions": [], "sequence_tokens": []}
 
     class MeasuredRMTrainer(RMTrainer):  # records, changes nothing
         def setup(self) -> None:
@@ -125,17 +130,21 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         def collate(self, row_ids: Any, split: str = "train") -> Any:
             batch = super().collate(row_ids, split)
             if split == "train":
-                seen["positions"].append(batch.input_ids.numel())
+                seen["positions"].append(batch.rows.input_ids.numel())
+                seen["sequence_tokens"].append(batch.rows.sequence_tokens)
             return batch
 
     summary = run_job(MeasuredRMTrainer, recipe(args, work / "align"))
-    tokens, ends, records = align_step_times(work / "align" / "metrics.jsonl")
+    fed, ends, records = align_step_times(work / "align" / "metrics.jsonl")
+    tokens = seen["sequence_tokens"]  # one collate per step (micro = global batch)
+    assert len(tokens) == len(fed), (len(tokens), len(fed))
     with torch.device("meta"):  # parameter count of the model as trained, without loading weights
         params = sum(p.numel() for p in LlamaForSequenceClassification(LlamaConfig.from_pretrained(work / "align" / "model")).parameters())
-    return {**steady_rate(tokens, ends, 0.0, args.warmup), "steps": summary["steps"], "tokens": summary["tokens"],
+    return {**steady_rate(tokens, ends, 0.0, args.warmup), "steps": summary["steps"], "tokens": sum(tokens), "fed": sum(fed),
             "pairs": sum(seen["pairs"]), "positions": sum(seen["positions"]), "weights": seen["weights"], "data": seen["data"],
             "threads": torch.get_num_threads(), "params": params, "mean_loss": statistics.fmean(r["loss"] for r in records),
-            "config": f"packed pairs, {args.batch} rows of <= {2 * args.max_length}{' (trl shim)' if shim else ''}"}  # fmt: skip
+            "config": f"{'shared-prefix' if not args.no_share_prefix else 'packed'} pairs, {args.batch} rows <= {args.row_tokens}"
+                      f"{' (trl shim)' if shim else ''}"}  # fmt: skip
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -145,7 +154,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from align.engine.models import load_tokenizer
     from data_builders.bad_rows import BadRowPolicy
-    from data_builders.packing import build_rows
+    from data_builders.pair_rows import pack_pair_units, unit_length
     from rewards.data import build_pairs
     from rewards.model import load_reward_model
 
@@ -155,7 +164,8 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = load_reward_model(rcp.model, tokenizer, torch.float32, seed=rcp.train.seed)  # as RMTrainer.setup does
     pairs = build_pairs(rcp.data.train, rcp.data, rcp.reward.conditions, tokenizer, BadRowPolicy(rcp.data.on_bad_row))
     fingerprint = digest(model, pairs)
-    packed_rows = len(build_rows(pairs, 2 * args.max_length, True))
+    units = [unit_length(p.chosen, p.rejected, not args.no_share_prefix) for p in pairs]
+    packed_rows = len(pack_pair_units(units, args.row_tokens))  # as align packs them
     batch = round(args.batch * len(pairs) / packed_rows)  # align's average pairs per step
     rows = [{"chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]  # margins are all 0: none passed
     config = RewardConfig(
@@ -177,7 +187,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                     processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     out = trainer.train()
     return {**steady_rate(tokens, timer.ends, timer.start, args.warmup), "steps": len(timer.ends), "tokens": sum(tokens),
-            "pairs": sum(step_pairs), "positions": sum(positions), "weights": fingerprint["weights"], "data": fingerprint["data"],
+            "pairs": sum(step_pairs), "positions": sum(positions), "fed": sum(tokens), "weights": fingerprint["weights"], "data": fingerprint["data"],
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()), "mean_loss": out.training_loss,
             "config": f"padded, batch {batch} pairs ({2 * batch} rows)", "packed_rows": packed_rows}  # fmt: skip
 
@@ -194,18 +204,7 @@ def child(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- parent
 def spawn(args: argparse.Namespace, side: str, work: Path) -> dict[str, Any]:
-    out = work / f"{side}.json"
-    argv = [a for a in sys.argv[1:] if a != "--quick"]
-    cmd = [sys.executable, __file__, *argv, "--steps", str(args.steps), "--child", side, "--out", str(out)]
-    print(f"--- {side}: {args.steps} steps ...", end=" ", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.exists():
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
-        raise SystemExit(f"{side} child failed with exit code {proc.returncode}")
-    result = json.loads(out.read_text())
-    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
-    return result
+    return run_child(__file__, ["--steps", str(args.steps), "--child", side], f"{side}: {args.steps} steps", work / f"{side}.json")
 
 
 def main() -> None:
@@ -217,14 +216,15 @@ def main() -> None:
           f"{args.threads} threads")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rm_vs_trl_") as tmp:
         results = {side: spawn(args, side, Path(tmp)) for side in ("align", "trl")}
-    print(f"\n{'run':<6} {'configuration':<34} {'pairs/step':>10} {'tokens/step':>11} {'pad %':>6} {'tokens':>7} {'steps/s':>8} "
-          f"{'tokens/s':>9} {'median step':>12} {'peak RSS MiB':>13} {'timed s':>8}")  # fmt: skip
+    print(f"\n{'run':<6} {'configuration':<40} {'pairs/step':>10} {'tokens/step':>11} {'fed/step':>9} {'pad %':>6} {'tokens':>7} "
+          f"{'steps/s':>8} {'pairs/s':>8} {'tokens/s':>9} {'median step':>12} {'peak RSS MiB':>13} {'timed s':>8}")  # fmt: skip
     for name, r in results.items():
         timed_steps = r["steps"] - min(args.warmup, r["steps"] - 1)
-        pad = 1 - r["tokens"] / r["positions"]
-        print(f"{name:<6} {r['config']:<34} {r['pairs'] / r['steps']:>10.1f} {r['tokens'] / r['steps']:>11.0f} {pad:>6.1%} "
-              f"{r['tokens']:>7} {timed_steps / r['timed_s']:>8.2f} {r['tokens_per_s']:>9.0f} {r['median_step_tokens_per_s']:>12.0f} "
-              f"{r['peak_rss_mib']:>13.0f} {r['timed_s']:>8.2f}")  # fmt: skip
+        pad = 1 - r["fed"] / r["positions"]
+        pairs_per_s = r["tokens_per_s"] * r["pairs"] / r["tokens"]
+        print(f"{name:<6} {r['config']:<40} {r['pairs'] / r['steps']:>10.1f} {r['tokens'] / r['steps']:>11.0f} {r['fed'] / r['steps']:>9.0f} "
+              f"{pad:>6.1%} {r['tokens']:>7} {timed_steps / r['timed_s']:>8.2f} {pairs_per_s:>8.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['median_step_tokens_per_s']:>12.0f} {r['peak_rss_mib']:>13.0f} {r['timed_s']:>8.2f}")  # fmt: skip
     a, t = results["align"], results["trl"]
     for name, r in results.items():
         if abs(r["tokens_per_s"] / r["median_step_tokens_per_s"] - 1) > 0.2:
@@ -237,7 +237,8 @@ def main() -> None:
         if a[key] != t[key]:
             print(f"WARNING: the sides trained different {what}: {a[key]} != {t[key]}")
     print(f"model {a['shape']} + scalar head, {a['params'] / 1e6:.2f}M parameters, same initial weights ({a['weights']}) and "
-          f"pairs ({a['data']}); tokens = trained (non-pad) tokens over all steps, pad % = padding share of the positions fed; "
+          f"pairs ({a['data']}); tokens = len(chosen) + len(rejected) over all steps' pairs (what TRL feeds), fed = non-pad positions "
+          "fed to the model, pad % = padding share of the positions fed; "
           "steps/s, tokens/s and median step exclude the warm-up steps")  # fmt: skip
     print(f"mean train loss over the run (each side shuffles the pairs its own way): align {a['mean_loss']:.4f}, TRL {t['mean_loss']:.4f}")
     print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f}")

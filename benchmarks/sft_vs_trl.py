@@ -243,10 +243,16 @@ def child(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- parent
 def spawn(args: argparse.Namespace, side: str, trl_config: str, work: Path) -> dict[str, Any]:
-    out = work / f"{side}-{trl_config}.json"
+    label = f"{side}{'' if side == 'align' else f' ({trl_config})'}: {args.steps} steps"
+    return run_child(__file__, ["--steps", str(args.steps), "--child", side, "--trl-config", trl_config], label, work / f"{side}-{trl_config}.json")
+
+
+def run_child(script: str, extra: list[str], label: str, out: Path) -> dict[str, Any]:
+    """Run one benchmark side in its own process (its own peak RSS) and read the JSON it writes to `out`."""
     argv = [a for a in sys.argv[1:] if a != "--quick"]
-    cmd = [sys.executable, __file__, *argv, "--steps", str(args.steps), "--child", side, "--trl-config", trl_config, "--out", str(out)]
-    print(f"--- {side}{'' if side == 'align' else f' ({trl_config})'}: {args.steps} steps ...", end=" ", flush=True)
+    cmd = [sys.executable, script, *argv, *extra, "--out", str(out)]
+    side = extra[extra.index("--child") + 1]
+    print(f"--- {label} ...", end=" ", flush=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():

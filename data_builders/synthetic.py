@@ -41,6 +41,16 @@ PROMPT_STYLE = {
     "concise": "What is {a}+{b}? Answer briefly.",
     "harmless": "What is {a}+{b}?",
 }
+# Generic system prompts, composed (10 × 10 × 10): SFT rows carry one at `system_share`, as real chat data
+# often does, so the model learns to read past a system block. Without them a tiny SFT model is thrown by
+# any system prompt, including the reward model's condition prompts: its log-probs of the right final
+# answer fall from 100% to ~60% better than a ±1 wrong one, and an RM started from it inherits that.
+SYSTEM_TRAITS = ("helpful", "careful", "friendly", "patient", "strict", "precise", "brief", "thorough", "polite", "honest")
+SYSTEM_ROLES = ("assistant", "tutor", "helper", "teacher", "reviewer", "editor", "grader", "calculator", "guide", "expert")
+SYSTEM_INSTRUCTIONS = (
+    "Answer the user's question.", "Be accurate.", "Explain your reasoning.", "Keep answers short.", "Check your work.",
+    "Prefer correct answers.", "Refuse harmful requests.", "Be clear and direct.", "Follow the user's format.", "Do your best.",
+)  # fmt: skip
 HELDOUT_EVERY = 8  # one problem in 8 is held out (hash-based, so stable across seeds)
 
 
@@ -88,6 +98,10 @@ def wrong_total(rng: random.Random, total: int) -> int:
     return total + delta if total + delta >= 0 else total + abs(delta)
 
 
+def generic_system_prompt(rng: random.Random) -> str:
+    return f"You are a {rng.choice(SYSTEM_TRAITS)} {rng.choice(SYSTEM_ROLES)}. {rng.choice(SYSTEM_INSTRUCTIONS)}"
+
+
 def _is_heldout(key: str) -> bool:
     digest = hashlib.sha1(key.encode()).digest()
     return digest[0] % HELDOUT_EVERY == 0
@@ -96,12 +110,13 @@ def _is_heldout(key: str) -> bool:
 class SyntheticTask:
     """Seeded generator of problems, conversations, pairs and RL prompts."""
 
-    def __init__(self, seed: int = 0, digits: int = 3, concise_share: float = 0.7):
+    def __init__(self, seed: int = 0, digits: int = 3, concise_share: float = 0.7, system_share: float = 0.0):
         if digits < 1:
             raise ValueError("digits must be >= 1")
         self.seed = seed
         self.digits = digits
         self.concise_share = concise_share  # share of concise SFT answers to concise prompts
+        self.system_share = system_share  # share of SFT conversations that open with a generic system prompt
 
     # --- problems -------------------------------------------------------------------------
     def problems(self, n: int, split: str = "train", salt: str = "") -> list[Problem]:
@@ -161,7 +176,8 @@ class SyntheticTask:
         rows = []
         for p in self.problems(n, split, salt="sft"):
             reply = self.reference_response(p, rng)
-            rows.append({"messages": [*map(dict, p.messages), {"role": "assistant", "content": reply}], "condition": p.condition})
+            system = [{"role": "system", "content": generic_system_prompt(rng)}] if self.system_share and rng.random() < self.system_share else []
+            rows.append({"messages": [*system, *map(dict, p.messages), {"role": "assistant", "content": reply}], "condition": p.condition})
         return rows
 
     def preference_pairs(self, n: int, split: str = "train") -> list[dict]:

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, LlamaForSequenceCla
 from align import builtin
 from align.engine.models import builtin_config, resolve_attention
 from data_builders.packing import collate_rows
+from data_builders.pair_rows import PairRows, attention_bias
 from data_builders.samples import Sample
 
 if TYPE_CHECKING:
@@ -79,10 +80,23 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return scores_at(model, hidden, torch.arange(mask.shape[0], device=mask.device), last)
 
 
-def packed_scores(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Scores of packed documents; `ends` is (docs, 2) of (row, index of the document's last token)."""
-    hidden = _hidden(model, input_ids, position_ids, None)
+def packed_scores(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, ends: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of packed documents; `ends` is (docs, 2) of (row, index of the document's last token).
+
+    Without `attention_mask` documents are separated by restarting positions; with a 4-D bool mask
+    (shared-prefix pair rows) the mask decides, converted to the form the model's attention takes.
+    """
+    config = getattr(model, "module", model).config
+    bias = attention_bias(attention_mask, config._attn_implementation, next(model.parameters()).dtype)
+    hidden = _hidden(model, input_ids, position_ids, bias)
     return scores_at(model, hidden, ends[:, 0], ends[:, 1])
+
+
+def pair_scores(model: torch.nn.Module, rows: PairRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores of shared-prefix (or plain packed) pair rows."""
+    scores = packed_scores(model, rows.input_ids, rows.position_ids, rows.ends().to(rows.input_ids.device), rows.attention_mask)
+    return scores[0::2], scores[1::2]
 
 
 def pack_documents(rows: list[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

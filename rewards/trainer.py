@@ -1,7 +1,8 @@
 """Conditional reward-model training (InternLM2): pairs packed into rows, one forward for all scores.
 
-Each (chosen, rejected) pair is two documents packed side by side (best fit on the pair's length);
-documents never attend to each other, and each is scored at its last token. The loss is the
+Each (chosen, rejected) pair is one shared-prefix unit `[prefix | chosen | rejected]`
+(`data_builders.pair_rows`), packed best fit into rows; units never attend to each other, the two
+suffixes never see each other, and each side is scored at its last token. The loss is the
 configured ranking loss plus the log barrier, averaged over the pairs of the optimizer step.
 """
 
@@ -20,34 +21,41 @@ from accelerate.utils import gather_object
 
 from align.config import RMRecipe, SourceConfig
 from align.engine.models import load_tokenizer
+from align.engine.plan import eval_micro_batches
 from align.trainers.base import Trainer
 from data_builders.bad_rows import BadRowPolicy
-from data_builders.packing import build_rows
+from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pair_units, unit_length
 from rewards.data import Pair, build_pairs
 from rewards.losses import pair_losses
-from rewards.model import load_reward_model, pack_documents, packed_scores
+from rewards.model import load_reward_model, pair_scores
 
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    ends: torch.Tensor  # (2·pairs, 2): (row, last index); chosen at even, rejected at odd entries
+    rows: PairRows
     margins: torch.Tensor
     conditions: list[str | None]
-    num_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows.num_tokens
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(self.input_ids.to(device), self.position_ids.to(device), self.ends.to(device), self.margins.to(device),
-                         self.conditions, self.num_tokens)
+        return PairBatch(self.rows.to(device), self.margins.to(device), self.conditions)
 
 
-def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int) -> PairBatch:
-    """Each row's pairs as consecutive documents: chosen at even, rejected at odd `ends` entries."""
-    docs = [[ids for pair in row for ids in (pair.chosen, pair.rejected)] for row in rows]
-    input_ids, position_ids, ends, tokens = pack_documents(docs, pad_id)
+def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int, share_prefix: bool = True) -> PairBatch:
+    """Each row's pairs as shared-prefix units (or, without sharing, as two packed documents each)."""
+    pair_rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in rows], pad_id, share_prefix)
     pairs = [p for row in rows for p in row]
-    return PairBatch(input_ids, position_ids, ends, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs], tokens)
+    return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs])
+
+
+def resolve_share_prefix(setting: bool | None, attn_implementation: str) -> bool:
+    """Auto: share whenever the attention takes a 4-D mask."""
+    if setting is None:
+        return attn_implementation in ("sdpa", "eager")
+    return setting
 
 
 def check_model_path(name: str) -> None:
@@ -78,26 +86,30 @@ class RMTrainer(Trainer):
         self.eval_pairs = build(eval_sources, "eval") if eval_sources else []
         if engine.is_main:
             self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
-        # a row holds up to 2·max_length tokens (the longest possible pair); InternLM2: 8192 → 16,384-token batches
-        self.train_rows = build_rows(self.pairs, 2 * data.max_length, data.packing)
-        self.eval_rows = build_rows(self.eval_pairs, 2 * data.max_length, data.packing) if self.eval_pairs else []
+        self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
+        # a row holds 2·max_length tokens by default (the longest possible pair); InternLM2: 8192 → 16,384-token batches
+        capacity = data.pair_row_tokens or 2 * data.max_length
+        pack = lambda pairs: pack_pair_units([unit_length(p.chosen, p.rejected, self.share_prefix) for p in pairs], capacity, data.packing)  # noqa: E731
+        self.train_rows = pack(self.pairs)
+        self.eval_rows = pack(self.eval_pairs) if self.eval_pairs else []
+        fed = sum(unit_length(p.chosen, p.rejected, self.share_prefix) for p in self.pairs)
         self.data_stats = {"train_pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "quarantined": self.bad_rows.count,
-                           "train_rows_packed": len(self.train_rows)}
+                           "train_rows_packed": len(self.train_rows), "share_prefix": self.share_prefix,
+                           "tokens_saved_by_sharing": round(1 - fed / sum(len(p) for p in self.pairs), 4)}
 
     def _split(self, split: str) -> tuple[list[list[int]], list[Pair]]:
         return (self.train_rows, self.pairs) if split == "train" else (self.eval_rows, self.eval_pairs)
 
     def collate(self, row_ids: Sequence[int], split: str = "train") -> PairBatch:
         rows, pairs = self._split(split)
-        return collate_pairs([[pairs[i] for i in rows[r]] for r in row_ids], self.tokenizer.pad_token_id)
+        return collate_pairs([[pairs[i] for i in rows[r]] for r in row_ids], self.tokenizer.pad_token_id, self.share_prefix)
 
     def units(self, row_ids: Sequence[int], split: str = "train") -> dict[str, float]:
         rows, _ = self._split(split)
         return {"pairs": float(sum(len(rows[r]) for r in row_ids))}
 
     def scores(self, model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = packed_scores(model, batch.input_ids, batch.position_ids, batch.ends)
-        return scores[0::2], scores[1::2]
+        return pair_scores(model, batch.rows)
 
     def loss(self, model: torch.nn.Module, batch: PairBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.recipe.reward
@@ -119,12 +131,12 @@ class RMTrainer(Trainer):
         engine, cfg = self.engine, self.recipe.reward
         model = self.model
         model.eval()
-        mine = list(range(len(self.eval_rows)))[engine.rank :: engine.world_size]
         records = []
-        for i in range(0, len(mine), engine.shape.micro_batch_size):
-            batch = self.collate(mine[i : i + engine.shape.micro_batch_size], "eval")
+        for row_ids, real in eval_micro_batches(len(self.eval_rows), engine.rank, engine.world_size, engine.shape.micro_batch_size):
+            batch = self.collate(row_ids, "eval")
             chosen, rejected = self.scores(model, batch.to(engine.device))
-            records += [(c or "default", a, b) for c, a, b in zip(batch.conditions, chosen.tolist(), rejected.tolist())]
+            if real:
+                records += [(c or "default", a, b) for c, a, b in zip(batch.conditions, chosen.tolist(), rejected.tolist())]
         records = gather_object(records) if engine.world_size > 1 else records
         by: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for condition, a, b in records:

@@ -58,3 +58,19 @@ def run_env(tmp_path: Path) -> dict:
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     return env
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory) -> Path:
+    """A tiny causal LM saved like `align sft` saves its export (weights + tokenizer)."""
+    import torch
+
+    from align.config import ModelConfig
+    from align.engine.models import load_causal_lm, load_tokenizer
+
+    out = tmp_path_factory.mktemp("sft") / "model"
+    cfg = ModelConfig(name_or_path="builtin:tiny")
+    tok = load_tokenizer(cfg)
+    load_causal_lm(cfg, tok, torch.float32, seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

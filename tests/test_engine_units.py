@@ -51,3 +51,14 @@ def test_deepspeed_autos_filled():
     cfg = fill_deepspeed_config({"train_batch_size": "auto", "bf16": {"enabled": "auto"}}, BatchShape(4, 2, 2), 1.0, False)
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (16, 4, 2)
     assert cfg["bf16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
+
+
+def test_eval_batches_are_equal_in_count_on_every_rank():
+    """ZeRO-3 forwards are collective: a rank with one forward fewer would hang the others."""
+    from align.engine.plan import eval_micro_batches
+
+    for rows, world, micro in [(5, 2, 2), (3, 2, 4), (1, 2, 1), (8, 2, 2), (7, 3, 2)]:
+        shards = [eval_micro_batches(rows, r, world, micro) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        real = sorted(i for s in shards for ids, ok in s if ok for i in ids)
+        assert real == list(range(rows))  # every row once, fillers excluded

@@ -9,7 +9,7 @@ from data_builders.bad_rows import BadRowError, BadRowPolicy
 from data_builders.readers import write_jsonl
 from rewards.conditions import DEFAULT_CONDITIONS, condition_messages, render_for_reward
 from rewards.data import Pair, build_pairs, parse_comparison
-from rewards.model import packed_scores, sequence_scores
+from rewards.model import pair_scores, sequence_scores
 from rewards.trainer import collate_pairs
 
 PROMPT = [{"role": "user", "content": "What is 12+30?"}]
@@ -54,9 +54,10 @@ def test_score_ignores_batch_composition_padded_and_packed(tokenizer):
     alone = sequence_scores(model, *pad([short], tokenizer.pad_token_id))
     beside_long = sequence_scores(model, *pad([short, long], tokenizer.pad_token_id))[:1]
     torch.testing.assert_close(beside_long, alone, rtol=1e-5, atol=1e-5)
-    batch = collate_pairs([[Pair(short, long, "math")], [Pair(long, short, "math")]], tokenizer.pad_token_id)
-    packed = packed_scores(model, batch.input_ids, batch.position_ids, batch.ends)
-    torch.testing.assert_close(packed[[0, 3]], alone.repeat(2), rtol=1e-5, atol=1e-5)
+    for share_prefix in (True, False):
+        batch = collate_pairs([[Pair(short, long, "math")], [Pair(long, short, "math")]], tokenizer.pad_token_id, share_prefix)
+        chosen, rejected = pair_scores(model, batch.rows)
+        torch.testing.assert_close(torch.stack([chosen[0], rejected[1]]), alone.repeat(2), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

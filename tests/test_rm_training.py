@@ -7,28 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from transformers import AutoModelForSequenceClassification
 
 from align.config import RMRecipe, load_recipe
 from tests.conftest import ALIGN, ROOT, run_env
 
 RM_QUICKSTART = str(ROOT / "configs" / "rm" / "quickstart.yaml")
-
-
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory) -> Path:
-    """A tiny causal LM saved like `align sft` saves its export (weights + tokenizer)."""
-    from align.config import ModelConfig
-    from align.engine.models import load_causal_lm, load_tokenizer
-
-    out = tmp_path_factory.mktemp("sft") / "model"
-    cfg = ModelConfig(name_or_path="builtin:tiny")
-    tok = load_tokenizer(cfg)
-    load_causal_lm(cfg, tok, torch.float32, seed=0).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def rm_overrides(out: Path, model: Path | str, steps: int = 6, **extra: object) -> list[str]:

@@ -24,7 +24,7 @@ from align.engine.checkpoint import Checkpointer
 from align.engine.core import Engine
 from align.engine.logger import RunLogger
 from align.engine.optim import build_optimizer, build_scheduler
-from align.engine.plan import StepPlan
+from align.engine.plan import StepPlan, eval_micro_batches
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,15 +83,14 @@ def evaluate_loss(engine: Engine, trainer, model) -> dict[str, float]:
         return {}
     ids = list(range(len(trainer.eval_rows)))
     totals = trainer.units(ids, "eval")
-    micro = engine.shape.micro_batch_size
-    mine = ids[engine.rank :: engine.world_size]
     acc = torch.zeros((), device=engine.device)
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), micro):
-            batch = trainer.collate(mine[i : i + micro], "eval").to(engine.device)
+        for row_ids, real in eval_micro_batches(len(ids), engine.rank, engine.world_size, engine.shape.micro_batch_size):
+            batch = trainer.collate(row_ids, "eval").to(engine.device)
             loss, _ = trainer.loss(model, batch, totals)
-            acc += loss.detach().float()
+            if real:
+                acc += loss.detach().float()
     model.train()
     return {"eval/loss": float(engine.accelerator.reduce(acc, "sum"))}
 

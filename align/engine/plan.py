@@ -48,3 +48,16 @@ class StepPlan:
         micro, accumulation = self.shape.micro_batch_size, self.shape.gradient_accumulation_steps
         start = rank * accumulation
         return [rows[(start + g) * micro : (start + g + 1) * micro] for g in range(accumulation)]
+
+
+def eval_micro_batches(num_rows: int, rank: int, world_size: int, micro: int) -> list[tuple[list[int], bool]]:
+    """This rank's share of `num_rows` eval rows as (row ids, real) micro-batches, the same count on every rank.
+
+    ZeRO-3 gathers parameters collectively inside each forward, so a rank that ran one forward fewer
+    would leave the others waiting forever. A rank short of rows runs a filler batch (row 0, `real`
+    False) whose result the caller discards.
+    """
+    mine = list(range(rank, num_rows, world_size))
+    count = math.ceil(math.ceil(num_rows / world_size) / micro)
+    batches = [mine[i * micro : (i + 1) * micro] for i in range(count)]
+    return [(ids, True) if ids else ([0], False) for ids in batches]

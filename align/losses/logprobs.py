@@ -20,9 +20,16 @@ CHUNK_TOKENS = 4096
 
 def final_hidden_states(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """(rows, length, hidden) after the final norm. `use_cache=False` keeps packed documents apart."""
+    return hidden_states(model, batch.input_ids, batch.position_ids)
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, length, hidden) after the final norm, with no logits computed (`logits_to_keep=1`)."""
     out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
         use_cache=False,
         output_hidden_states=True,
         logits_to_keep=1,
@@ -39,12 +46,16 @@ def target_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk_tokens: int
     """log p(target) at every position that has one, flattened, and the boolean mask of those positions."""
     hidden = final_hidden_states(model, batch)
     mask = batch.targets != -100
-    selected, targets = hidden[mask], batch.targets[mask]
+    return logprobs_of(model, hidden[mask], batch.targets[mask], chunk_tokens), mask
+
+
+def logprobs_of(model: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log p(target) from final hidden states (tokens, hidden): the LM head runs on these positions only, chunked."""
     head = output_embeddings(model)
     if selected.shape[0] <= chunk_tokens:
-        return _chunk_logprobs(head, selected, targets), mask
+        return _chunk_logprobs(head, selected, targets)
     parts = [
         checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False)
         for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))
     ]
-    return torch.cat(parts), mask
+    return torch.cat(parts)

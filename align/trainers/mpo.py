@@ -1,0 +1,248 @@
+"""MPO (InternVL2.5-MPO / InternVL3): preference + quality + generation losses in one forward per batch.
+
+Data: preference rows → chosen/rejected rendered with the chat template (`data_builders.preference_data`)
+→ shared-prefix pair units packed into rows (`data_builders.pair_rows`): the prompt, and whatever the two
+responses share, is computed once; neither response attends to the other. Log-probs are taken only at
+response positions (the LM head never runs on the prompt; `losses/logprobs.py`). The reference's
+log-probs come from a frozen copy, the policy with its LoRA adapters disabled, or a cache computed once.
+
+Loss: Σ_i w_i · L_i over the registered losses named in `mpo.losses` (`losses/preference.py`), each an
+exact step mean over pairs or chosen tokens. BCO's δ is the running mean of past rewards
+mean(β·lr_c, β·lr_r), gathered across ranks, updated before use, and saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from align.config import MPORecipe, SourceConfig
+from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen
+from align.engine.plan import eval_micro_batches
+from align.evaluation import load_prompts, task_accuracy
+from align.losses import get_loss
+from align.losses.logprobs import hidden_states, logprobs_of
+from align.losses.preference import PreferenceInputs, RunningMean
+from align.trainers.base import Trainer
+from align.trainers.reference_cache import ReferenceCache
+from data_builders.bad_rows import BadRowPolicy
+from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pair_units, unit_length
+from data_builders.preference_data import PreferencePair, build_preference_pairs
+from rewards.trainer import check_model_path, resolve_share_prefix
+
+
+@dataclass
+class PreferenceBatch:
+    rows: PairRows
+    positions: torch.Tensor  # (targets, 2): (row, index) of the hidden state predicting each response token
+    targets: torch.Tensor  # (targets,) response token ids
+    sequence: torch.Tensor  # (targets,) 2·pair + side (0 chosen, 1 rejected)
+    chosen_tokens: torch.Tensor  # (pairs,)
+    pair_ids: list[int]  # indices into the split's pairs
+    conditions: list[str | None]
+    reference: torch.Tensor | None = None  # (pairs, 2) precomputed reference sums
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows.num_tokens
+
+    def to(self, device: torch.device | str) -> PreferenceBatch:
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[key] = value.to(device)
+        moved["rows"] = self.rows.to(device)
+        return PreferenceBatch(**moved)
+
+
+def collate_preference(pairs: Sequence[Sequence[PreferencePair]], pair_ids: list[int], pad_id: int, share_prefix: bool) -> PreferenceBatch:
+    """Rows of pairs → shared-prefix rows plus, per response token, where its prediction is read."""
+    rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in pairs], pad_id, share_prefix)
+    flat = [p for row in pairs for p in row]
+    positions, targets, sequence = [], [], []
+    for k, (span, pair) in enumerate(zip(rows.spans, flat, strict=True)):
+        for side, (index, ids) in enumerate(((span.chosen_index(), pair.chosen), (span.rejected_index(), pair.rejected))):
+            start = pair.prompt_length
+            positions += [(span.row, i) for i in index[start - 1 : len(ids) - 1]]
+            targets += ids[start:]
+            sequence += [2 * k + side] * (len(ids) - start)
+    return PreferenceBatch(
+        rows,
+        torch.tensor(positions, dtype=torch.long),
+        torch.tensor(targets, dtype=torch.long),
+        torch.tensor(sequence, dtype=torch.long),
+        torch.tensor([p.chosen_tokens for p in flat], dtype=torch.float32),
+        pair_ids,
+        [p.condition for p in flat],
+    )
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+    """(pairs, 2) summed response-token log-probs of chosen and rejected, from one forward."""
+    config = getattr(model, "module", model).config
+    bias = attention_bias(batch.rows.attention_mask, config._attn_implementation, next(model.parameters()).dtype)
+    hidden = hidden_states(model, batch.rows.input_ids, batch.rows.position_ids, bias)
+    logprobs = logprobs_of(model, hidden[batch.positions[:, 0], batch.positions[:, 1]], batch.targets)
+    sums = torch.zeros(2 * batch.num_pairs, dtype=logprobs.dtype, device=logprobs.device)
+    return sums.index_add(0, batch.sequence, logprobs).view(-1, 2)
+
+
+class MPOTrainer(Trainer):
+    name = "mpo"
+    recipe_type = MPORecipe
+
+    def setup(self) -> None:
+        recipe, engine, data, cfg = self.recipe, self.engine, self.recipe.data, self.recipe.mpo
+        check_model_path(recipe.model.name_or_path)
+        for name in cfg.losses:
+            get_loss(name)  # unknown names fail before any model loads
+        if cfg.reference == "adapters" and not recipe.model.lora.enabled:
+            raise ValueError("mpo.reference=adapters needs model.lora.enabled=true (the reference is the policy without adapters)")
+        self.tokenizer = load_tokenizer(recipe.model)
+        self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
+        self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
+        self.bad_rows = BadRowPolicy(data.on_bad_row)
+        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train")
+        eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if any(s.path == "synthetic" for s in data.train) else [])
+        self.eval_pairs = build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else []
+        if engine.is_main:
+            self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
+        capacity = data.pair_row_tokens or 2 * data.max_length
+        pack = lambda pairs: pack_pair_units([unit_length(p.chosen, p.rejected, self.share_prefix) for p in pairs], capacity, data.packing)  # noqa: E731
+        self.train_rows = pack(self.pairs)
+        self.eval_rows = pack(self.eval_pairs) if self.eval_pairs else []
+        self.delta = RunningMean()
+        self.reference = None
+        self.cached: dict[str, torch.Tensor] = {}
+        self.cache_hit: bool | None = None
+        if cfg.reference == "model":
+            self.reference = prepare_frozen(self._load_reference(), engine.accelerator)
+        elif cfg.reference == "precomputed":
+            cache = ReferenceCache(cfg.cache_dir, self._reference_config(), recipe.train.seed)
+            self.cached, self.cache_hit = cache.load_or_compute(
+                {"train": self.pairs, "eval": self.eval_pairs}, self._load_reference, self._reference_sums, engine
+            )
+        fed = sum(unit_length(p.chosen, p.rejected, self.share_prefix) for p in self.pairs)
+        self.data_stats = {"train_pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "quarantined": self.bad_rows.count,
+                           "train_rows_packed": len(self.train_rows), "share_prefix": self.share_prefix,
+                           "tokens_saved_by_sharing": round(1 - fed / sum(len(p) for p in self.pairs), 4),
+                           "reference": cfg.reference, "reference_cache_hit": self.cache_hit}  # fmt: skip
+
+    # --- reference --------------------------------------------------------------------------
+    def _reference_config(self):
+        model = self.recipe.model
+        return dataclasses.replace(model, name_or_path=self.recipe.mpo.reference_path or model.name_or_path, gradient_checkpointing=False,
+                                   lora=dataclasses.replace(model.lora, enabled=False))  # fmt: skip
+
+    def _load_reference(self) -> torch.nn.Module:
+        return load_causal_lm(self._reference_config(), self.tokenizer, torch.float32, seed=self.recipe.train.seed)
+
+    @torch.no_grad()
+    def _reference_sums(self, reference: torch.nn.Module, pairs: list[PreferencePair], ids: list[int]) -> torch.Tensor:
+        """(pairs, 2) reference sums for a list of pairs, one row per pair (used by the cache pass)."""
+        batch = collate_preference([[p] for p in pairs], ids, self.tokenizer.pad_token_id, self.share_prefix)
+        return sequence_logprobs(reference, batch.to(self.engine.device)).float().cpu()
+
+    @torch.no_grad()
+    def reference_logprobs(self, model: torch.nn.Module, batch: PreferenceBatch, split: str) -> torch.Tensor:
+        cfg = self.recipe.mpo
+        if cfg.reference == "precomputed":
+            return self.cached[split][batch.pair_ids].to(batch.targets.device)
+        if cfg.reference == "adapters":
+            inner = getattr(model, "module", model)
+            with inner.disable_adapter():
+                return sequence_logprobs(model, batch)
+        return sequence_logprobs(self.reference, batch)
+
+    # --- batches --------------------------------------------------------------------------
+    def _split(self, split: str) -> tuple[list[list[int]], list[PreferencePair]]:
+        return (self.train_rows, self.pairs) if split == "train" else (self.eval_rows, self.eval_pairs)
+
+    def collate(self, row_ids: Sequence[int], split: str = "train") -> PreferenceBatch:
+        rows, pairs = self._split(split)
+        ids = [i for r in row_ids for i in rows[r]]
+        return collate_preference([[pairs[i] for i in rows[r]] for r in row_ids], ids, self.tokenizer.pad_token_id, self.share_prefix)
+
+    def units(self, row_ids: Sequence[int], split: str = "train") -> dict[str, float]:
+        rows, pairs = self._split(split)
+        ids = [i for r in row_ids for i in rows[r]]
+        return {"pairs": float(len(ids)), "chosen_tokens": float(sum(pairs[i].chosen_tokens for i in ids))}
+
+    # --- loss -----------------------------------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: PreferenceBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.recipe.mpo
+        policy = sequence_logprobs(model, batch)
+        reference = self.reference_logprobs(model, batch, "train" if model.training else "eval")
+        ratios = policy.float() - reference.float()
+        lr_c, lr_r = ratios[:, 0], ratios[:, 1]
+        delta = self.update_delta(cfg.beta * ratios.detach(), model.training) if cfg.running_delta else 0.0
+        inputs = PreferenceInputs(lr_c, lr_r, -policy[:, 0].float(), batch.chosen_tokens, cfg.beta, delta)
+        total = torch.zeros((), device=policy.device)
+        metrics: dict[str, torch.Tensor] = {}
+        for name, weight in cfg.losses.items():
+            values, unit = get_loss(name)(inputs)
+            total = total + weight * values.sum() / totals[unit]
+            denominator = batch.chosen_tokens.sum() if unit == "chosen_tokens" else torch.tensor(float(batch.num_pairs))
+            metrics[f"loss/{name}"] = (values.sum() / denominator.clamp(min=1)).detach()
+        margin = cfg.beta * (lr_c - lr_r).detach()
+        metrics |= {
+            "delta": torch.tensor(delta),
+            "rewards/chosen": cfg.beta * lr_c.detach().mean(),
+            "rewards/rejected": cfg.beta * lr_r.detach().mean(),
+            "rewards/margin": margin.mean(),
+            "rewards/accuracy": (margin > 0).float().mean(),
+        }
+        return total, metrics
+
+    def update_delta(self, rewards: torch.Tensor, training: bool) -> float:
+        """Training: gather each rank's mean(β·lr_c, β·lr_r), fold it into the running mean, and use it. Eval: read only."""
+        if not training:
+            return self.delta.mean
+        mine = rewards.mean().reshape(1)
+        gathered = self.engine.accelerator.gather(mine) if self.engine.world_size > 1 else mine
+        return self.delta.update(gathered)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"delta": self.delta.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "delta" in state:
+            self.delta.load_state_dict(state["delta"])
+
+    # --- end of run -----------------------------------------------------------------------
+    @torch.no_grad()
+    def final_metrics(self) -> dict[str, Any]:
+        """Held-out preference accuracy (implicit reward) per condition, and task accuracy by generation."""
+        engine, model = self.engine, self.model
+        out: dict[str, Any] = {}
+        if self.eval_rows:
+            model.eval()
+            records = []
+            for row_ids, real in eval_micro_batches(len(self.eval_rows), engine.rank, engine.world_size, engine.shape.micro_batch_size):
+                batch = self.collate(row_ids, "eval").to(engine.device)
+                ratios = sequence_logprobs(model, batch).float() - self.reference_logprobs(model, batch, "eval").float()
+                if real:
+                    records += [(c or "default", float(m)) for c, m in zip(batch.conditions, (ratios[:, 0] - ratios[:, 1]).tolist())]
+            records = gather_object(records) if engine.world_size > 1 else records
+            by: dict[str, list[float]] = defaultdict(list)
+            for condition, margin in records:
+                by[condition].append(margin)
+            out["preference_accuracy"] = sum(m > 0 for _, m in records) / len(records)
+            out["preference_accuracy_by_condition"] = {c: sum(m > 0 for m in v) / len(v) for c, v in sorted(by.items())}
+        cfg = self.recipe.eval
+        if cfg.enabled:
+            problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
+            result = task_accuracy(model, self.tokenizer, problems, engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
+            out |= {k: v for k, v in result.items() if k != "samples"} | {"eval_samples": result["samples"]}
+        return out
+

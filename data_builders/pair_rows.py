@@ -1,0 +1,155 @@
+"""Preference pairs as shared-prefix rows: one forward computes the prompt once for both responses.
+
+A pair becomes one unit `[prefix | chosen suffix | rejected suffix]`, where the prefix is the
+longest common token prefix of the two rendered sequences (at least one token of each side stays
+its own). Rejected positions continue from the prefix (so they equal a separate forward's
+positions), and a 4-D mask lets each suffix attend to the prefix and to itself but never to the
+other suffix. Units are packed best-fit into rows and never attend to each other.
+
+Peers (TRL, OpenRLHF) run chosen and rejected as two full sequences, so the shared prompt, and in
+the synthetic math pairs the whole worked solution up to the final answer, is computed twice.
+
+Without sharing (`share_prefix=False`, needed by flash-attention, which takes no 4-D mask) the same
+layout has an empty prefix and no mask: chosen and rejected are two packed documents whose
+positions restart at 0, which transformers turns into varlen / block-diagonal attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from data_builders.packing import pack_best_fit
+
+PREFIX, CHOSEN, REJECTED = 0, 1, 2
+
+
+def shared_prefix_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Longest common prefix, capped so each side keeps at least one token of its own (its scored last token)."""
+    cap = min(len(chosen), len(rejected)) - 1
+    n = 0
+    while n < cap and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def unit_length(chosen: Sequence[int], rejected: Sequence[int], share_prefix: bool) -> int:
+    """Tokens a pair occupies in a row."""
+    return len(chosen) + len(rejected) - (shared_prefix_length(chosen, rejected) if share_prefix else 0)
+
+
+@dataclass(frozen=True)
+class PairSpan:
+    """Where one pair sits: row, first index, and the lengths of its prefix and two suffixes."""
+
+    row: int
+    start: int
+    prefix: int
+    chosen: int
+    rejected: int
+
+    def chosen_index(self) -> list[int]:
+        """Row indices of the whole chosen sequence, in order."""
+        return list(range(self.start, self.start + self.prefix + self.chosen))
+
+    def rejected_index(self) -> list[int]:
+        """Row indices of the whole rejected sequence, in order (prefix, then its own suffix)."""
+        own = self.start + self.prefix + self.chosen
+        return list(range(self.start, self.start + self.prefix)) + list(range(own, own + self.rejected))
+
+
+@dataclass
+class PairRows:
+    """Padded rows of pair units. `attention_mask` is (rows, 1, L, L) bool (True = may attend) or None."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    spans: list[PairSpan]
+    num_tokens: int  # non-padding positions fed to the model
+    sequence_tokens: int  # tokens of chosen + rejected as separate sequences (what a peer feeds)
+
+    def ends(self) -> torch.Tensor:
+        """(2·pairs, 2) of (row, index of the last token): chosen at even, rejected at odd entries."""
+        out = []
+        for s in self.spans:
+            out += [(s.row, s.start + s.prefix + s.chosen - 1), (s.row, s.start + s.prefix + s.chosen + s.rejected - 1)]
+        return torch.tensor(out, dtype=torch.long)
+
+    def to(self, device: torch.device | str) -> PairRows:
+        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
+        return PairRows(self.input_ids.to(device), self.position_ids.to(device), mask, self.spans, self.num_tokens, self.sequence_tokens)
+
+
+def pack_pair_units(lengths: Sequence[int], capacity: int, packing: bool = True) -> list[list[int]]:
+    """Unit indices per row, best fit. A unit longer than `capacity` gets a row of its own rather than being dropped."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    return pack_best_fit([min(n, capacity) for n in lengths], capacity)
+
+
+def collate_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int, share_prefix: bool = True,
+                      multiple_of: int = 8) -> PairRows:
+    """Rows of (chosen ids, rejected ids) → tensors, right-padded to a multiple of `multiple_of`."""
+    spans: list[PairSpan] = []
+    for r, row in enumerate(rows):
+        offset = 0
+        for chosen, rejected in row:
+            p = shared_prefix_length(chosen, rejected) if share_prefix else 0
+            spans.append(PairSpan(r, offset, p, len(chosen) - p, len(rejected) - p))
+            offset += len(chosen) + len(rejected) - p
+    lengths = [0] * len(rows)
+    for s in spans:
+        lengths[s.row] = s.start + s.prefix + s.chosen + s.rejected
+    length = -(-max(lengths) // multiple_of) * multiple_of
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    unit = torch.full(shape, -1, dtype=torch.long)
+    branch = torch.full(shape, PREFIX, dtype=torch.long)
+    pairs = (pair for row in rows for pair in row)
+    for u, (s, (chosen, rejected)) in enumerate(zip(spans, pairs, strict=True)):
+        own = s.start + s.prefix + s.chosen
+        end = own + s.rejected
+        input_ids[s.row, s.start : own] = torch.tensor(chosen, dtype=torch.long)
+        input_ids[s.row, own:end] = torch.tensor(rejected[s.prefix :], dtype=torch.long)
+        position_ids[s.row, s.start : own] = torch.arange(s.prefix + s.chosen)
+        position_ids[s.row, own:end] = torch.arange(s.prefix, s.prefix + s.rejected)
+        unit[s.row, s.start : end] = u
+        branch[s.row, s.start + s.prefix : own] = CHOSEN
+        branch[s.row, own:end] = REJECTED
+    for r, n in enumerate(lengths):  # padding continues the row's last positions (invisible to real tokens)
+        start = int(position_ids[r, n - 1]) + 1 if n else 0
+        position_ids[r, n:] = torch.arange(start, start + length - n)
+    mask = pair_attention_mask(unit, branch) if share_prefix else None
+    sequence_tokens = sum(2 * s.prefix + s.chosen + s.rejected for s in spans)
+    return PairRows(input_ids, position_ids, mask, spans, sum(lengths), sequence_tokens)
+
+
+def pair_attention_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, L, L) bool: causal within a unit; a suffix sees the prefix and itself, never the other suffix.
+
+    Padding (unit −1) attends only to itself, so no query row is fully masked (sdpa would return NaN there).
+    """
+    length = unit.shape[1]
+    idx = torch.arange(length)
+    causal = idx[None, :] <= idx[:, None]  # (q, k)
+    same_unit = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
+    visible_branch = (branch[:, None, :] == PREFIX) | (branch[:, None, :] == branch[:, :, None])
+    mask = same_unit & causal & visible_branch
+    mask |= (unit < 0)[:, :, None] & torch.eye(length, dtype=torch.bool)
+    return mask[:, None]
+
+
+def attention_bias(mask: torch.Tensor | None, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The 4-D mask in the form the model's attention takes: bool for sdpa, additive (0 / min) for eager."""
+    if mask is None:
+        return None
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"shared-prefix pair rows need a 4-D attention mask, which {attn_implementation!r} attention does not take; "
+                         "set data.share_prefix: false (or leave it null) or use attn_implementation sdpa")
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask

@@ -1,0 +1,144 @@
+"""Preference rows → tokenised pairs for MPO / DPO: the prompt rendered once, the response tokens marked.
+
+Rows are `{"prompt": messages | str, "chosen": str | messages, "rejected": ..., "condition"?}` (TRL's
+implicit-prompt form also works: `chosen`/`rejected` as whole conversations sharing all but the last
+message). The policy never sees a condition's reward prompt; `condition` is kept for per-condition metrics.
+
+Each side is rendered with the chat template as prompt + assistant reply. The response tokens (the
+log-prob targets) are those after the prompt's generation header, end-of-turn token included. A pair
+whose chosen equals its rejected, whose response is empty, or whose prompt alone does not fit
+`max_length` follows the bad-row policy; a response that does not fit is cut (`truncation: right`),
+dropped to quarantine (`drop`), or an error (`error`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from data_builders.bad_rows import BadRowError, BadRowPolicy
+from data_builders.readers import read_rows
+from data_builders.render import render_conversation, render_prompt
+from data_builders.synthetic import SyntheticTask
+
+if TYPE_CHECKING:
+    from align.config import DataConfig, SourceConfig
+
+
+@dataclass
+class PreferencePair:
+    chosen: list[int]  # prompt + chosen response
+    rejected: list[int]  # prompt + rejected response
+    prompt_length: int  # tokens before the first response token (the same for both sides)
+    condition: str | None = None
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+    @property
+    def chosen_tokens(self) -> int:
+        return len(self.chosen) - self.prompt_length
+
+    @property
+    def rejected_tokens(self) -> int:
+        return len(self.rejected) - self.prompt_length
+
+
+def _messages(value: Any, origin: str, row: int, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise BadRowError(origin, row, field, "expected a string or a list of {role, content} messages")
+
+
+def _response(value: Any, origin: str, row: int, field: str) -> str:
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        value = value[-1].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise BadRowError(origin, row, field, "expected a non-empty response")
+    return value
+
+
+def parse_preference(raw: Any, origin: str, row: int) -> tuple[list[dict], str, str, str | None]:
+    """(prompt messages, chosen text, rejected text, condition) of one row, or a BadRowError naming the field."""
+    if not isinstance(raw, dict):
+        raise BadRowError(origin, row, "<row>", "expected a JSON object")
+    for key in ("chosen", "rejected"):
+        if key not in raw:
+            raise BadRowError(origin, row, key, "missing")
+    if "prompt" in raw:
+        prompt = _messages(raw["prompt"], origin, row, "prompt")
+    else:
+        chosen_conv = _messages(raw["chosen"], origin, row, "chosen")
+        if chosen_conv[:-1] != _messages(raw["rejected"], origin, row, "rejected")[:-1]:
+            raise BadRowError(origin, row, "rejected", "without 'prompt', chosen and rejected must share all but the last message")
+        prompt = chosen_conv[:-1]
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise BadRowError(origin, row, "prompt", "must end with a user (or system) message")
+    chosen, rejected = _response(raw["chosen"], origin, row, "chosen"), _response(raw["rejected"], origin, row, "rejected")
+    if chosen == rejected:
+        raise BadRowError(origin, row, "rejected", "identical to chosen")
+    return prompt, chosen, rejected, raw.get("condition")
+
+
+def tokenize_preference(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], chosen: str, rejected: str, max_length: int, truncation: str,
+    origin: str = "", row: int = 0, condition: str | None = None,
+) -> PreferencePair:  # fmt: skip
+    """Render both sides; check the prompt renders identically inside each; cut or reject what does not fit."""
+    prompt_ids = render_prompt(tokenizer, prompt)
+    if len(prompt_ids) >= max_length:
+        raise BadRowError(origin, row, "prompt", f"the prompt alone has {len(prompt_ids)} tokens, max_length is {max_length}")
+    sides = []
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        ids = render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": text}]).input_ids
+        ids = ids[: len(ids) - _trailing_newlines(tokenizer, ids)]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise BadRowError(origin, row, field, "the chat template tokenises the prompt differently once a reply follows")
+        if len(ids) > max_length:
+            if truncation != "right":
+                raise BadRowError(origin, row, field, f"{len(ids)} tokens exceed max_length {max_length}")
+            ids = ids[:max_length]
+        sides.append(ids)
+    if sides[0] == sides[1]:
+        raise BadRowError(origin, row, "rejected", f"identical to chosen within max_length {max_length}")
+    return PreferencePair(sides[0], sides[1], len(prompt_ids), condition, f"{origin}:{row}")
+
+
+def _trailing_newlines(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int:
+    """Tokens after the final end-of-turn that are only whitespace (the template's newline): not targets."""
+    n = 0
+    while n < len(ids) and not tokenizer.decode(ids[len(ids) - 1 - n :]).strip():
+        n += 1
+    return n
+
+
+def preference_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, split: str):
+    if source.path == "synthetic":
+        syn = data.synthetic
+        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
+        n = source.max_rows or (syn.train_rows if split == "train" else syn.eval_rows)
+        for i, row in enumerate(task.preference_pairs(n, split="train" if split == "train" else "heldout")):
+            yield f"synthetic-pairs[{split}]", i, row
+    else:
+        yield from read_rows(source.path, source.split, source.max_rows, policy)
+
+
+def build_preference_pairs(
+    sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train"
+) -> list[PreferencePair]:
+    pairs = []
+    for source in sources:
+        for origin, row, raw in preference_rows(source, data, policy, split):
+            try:
+                prompt, chosen, rejected, condition = parse_preference(raw, origin, row)
+                pairs.append(tokenize_preference(tokenizer, prompt, chosen, rejected, data.max_length, data.truncation, origin, row, condition))
+            except BadRowError as err:
+                policy.handle(err, raw)
+    if not pairs:
+        raise ValueError(f"no usable {split} preference pairs (see quarantine.jsonl)")
+    return pairs
