@@ -3,7 +3,8 @@
 Both sides train the same randomly initialised Llama (align's `builtin:*` shape, same seed; the
 reference is an identical frozen copy) on the same synthetic preference pairs
 (`SyntheticTask.preference_pairs` rendered by `data_builders.preference_data`; TRL is handed the same
-token ids as `prompt_ids` / `chosen_ids` / `rejected_ids`), with loss sigmoid + bco_pair + sft weighted
+token ids as `prompt_ids` / `chosen_ids` / `rejected_ids`, its `_prepare_dataset` turned into a no-op since
+trl 1.16 has no switch to skip it for tokenised rows), with loss sigmoid + bco_pair + sft weighted
 0.8 / 0.2 / 1.0, β = 0.1, the same optimizer (AdamW, same lr/betas/eps, no weight decay), schedule, step
 count, max length and torch threads, fp32. Each side runs in its own subprocess so peak RSS
 (`ru_maxrss`) is its own; the parent checks both started from the same weights and pairs, prints a
@@ -44,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rm_vs_trl import digest  # noqa: E402
-from sft_vs_trl import REPO, align_step_times, install_trl_shim, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 REFERENCES = ("live", "precomputed")
 
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (10 if args.quick else 30)
-    args.pairs = args.steps * args.batch * 3  # ~2.6 pairs fill a 256-token row; precompute covers only these
+    args.pairs = args.steps * args.batch * 6  # ~5 shared-prefix pairs fill a 256-token row: each side trains < 1 epoch
     return args
 
 
@@ -92,10 +93,14 @@ def recipe(args: argparse.Namespace, output_dir: Path) -> Any:
 
 
 def amortised(rate: dict[str, float], tokens: list[int], warmup: int, precompute_s: float, trained_share: float) -> dict[str, float]:
-    """Add the precompute pass, spread over the pairs trained, to the timed steps' wall time."""
+    """Add the precompute pass to the timed steps' wall time, charged per trained pair.
+
+    A pass over N pairs costs precompute_s / N per pair trained once (an epoch); `trained_share` is
+    trained pairs / N, capped at 1 since later epochs reuse it. The timed steps get their token share.
+    """
     timed_tokens = sum(tokens[min(warmup, len(tokens) - 1) :])
     timed_share = timed_tokens / max(1, sum(tokens))
-    seconds = rate["timed_s"] + precompute_s * trained_share * timed_share
+    seconds = rate["timed_s"] + precompute_s * min(1.0, trained_share) * timed_share
     return {**rate, "tokens_per_s": timed_tokens / seconds, "timed_s": seconds}
 
 
@@ -104,7 +109,6 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
     os.cpu_count = lambda: args.threads  # align's Engine sizes torch threads from the CPU count
-    shim = install_trl_shim()
     import align.trainers.reference_cache as cache_module
     from align.runner import run_job
     from align.trainers.mpo import MPOTrainer
@@ -141,7 +145,7 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {**rate, "steps": summary["steps"], "tokens": sum(tokens), "fed": sum(fed), "pairs": sum(seen["pairs"]),
             "positions": sum(seen["positions"]), "weights": seen["weights"], "data": seen["data"], "precompute_s": seen["precompute_s"],
             "threads": torch.get_num_threads(), "mean_loss": statistics.fmean(r["loss"] for r in records),
-            "config": f"shared-prefix, {args.batch} rows <= {args.row_tokens}{' (trl shim)' if shim else ''}"}  # fmt: skip
+            "config": f"shared-prefix, {args.batch} rows <= {args.row_tokens}"}  # fmt: skip
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -178,6 +182,9 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     spent = {"precompute_s": 0.0}
 
     class CountingDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, *a: Any, **kw: Any) -> Any:
+            return dataset  # already token ids (its own rendering would run the same chat template); nothing to prepare
+
         def _precompute_ref_logps(self, *a: Any, **kw: Any) -> Any:
             started = time.perf_counter()
             out = super()._precompute_ref_logps(*a, **kw)

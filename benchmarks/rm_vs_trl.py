@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import REPO, align_step_times, install_trl_shim, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +110,6 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     os.cpu_count = lambda: args.threads  # align's Engine sizes torch threads from the CPU count
-    shim = install_trl_shim()
     from align.runner import run_job
     from rewards.trainer import RMTrainer
 
@@ -144,7 +143,7 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "pairs": sum(seen["pairs"]), "positions": sum(seen["positions"]), "weights": seen["weights"], "data": seen["data"],
             "threads": torch.get_num_threads(), "params": params, "mean_loss": statistics.fmean(r["loss"] for r in records),
             "config": f"{'shared-prefix' if not args.no_share_prefix else 'packed'} pairs, {args.batch} rows <= {args.row_tokens}"
-                      f"{' (trl shim)' if shim else ''}"}  # fmt: skip
+                      f""}  # fmt: skip
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -20,8 +20,7 @@ mask, or every token of a padding-free batch) over the wall time of the steps af
 steps, excluding model/data setup. `--device cuda` trains both in bf16 autocast on `builtin:medium`
 (random init, ~0.4B parameters) and adds MFU (6·params·tokens/s over the GPU's dense bf16 peak;
 attention FLOPs left out: documents are short). If TRL cannot be imported there, align runs alone and
-the RESULT ratios are `nan`; align itself imports `trl.trainer.utils.selective_log_softmax`, so when
-TRL is absent its align child gets a stand-in with TRL's own non-Triton algorithm.
+the RESULT ratios are `nan`; align's training path does not import TRL.
 
     python benchmarks/sft_vs_trl.py --quick          # < 3 min on 2 CPU cores
     python benchmarks/sft_vs_trl.py --device cuda
@@ -83,36 +82,11 @@ def steady_rate(tokens: list[int], ends: list[float], start: float, warmup: int)
     return {"tokens_per_s": sum(tokens[w:]) / seconds, "median_step_tokens_per_s": statistics.median(steps), "timed_s": seconds}
 
 
-def install_trl_shim() -> bool:
-    """Without TRL, give align the one TRL function it imports (TRL's non-Triton algorithm); True if installed."""
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    import torch
-
-    if importlib.util.find_spec("trl") is not None:
-        return False
-
-    def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if logits.dtype in (torch.float32, torch.float64):
-            picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
-            return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-        return torch.stack([row.log_softmax(-1).gather(-1, i.unsqueeze(-1)).squeeze(-1) for row, i in zip(logits, index)])
-
-    for name in ("trl", "trl.trainer", "trl.trainer.utils"):
-        sys.modules[name] = types.ModuleType(name)
-        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
-    sys.modules["trl.trainer.utils"].selective_log_softmax = selective_log_softmax
-    return True
-
-
 def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     os.cpu_count = lambda: args.threads  # align's Engine sizes torch threads from the CPU count
-    shim = install_trl_shim()
     from align.config import SFTRecipe, load_recipe
     from align.runner import run_job
     from align.trainers.sft import SFTTrainer
@@ -135,7 +109,7 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with torch.device("meta"):  # parameter count of the model as trained, without loading weights
         params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig.from_pretrained(work / "align" / "model")).parameters())
     return {**steady_rate(tokens, ends, 0.0, args.warmup), "steps": summary["steps"], "tokens": summary["tokens"],
-            "threads": torch.get_num_threads(), "config": f"packed best-fit, batch {args.batch} rows{' (trl shim)' if shim else ''}", "params": params}  # fmt: skip
+            "threads": torch.get_num_threads(), "config": f"packed best-fit, batch {args.batch} rows", "params": params}  # fmt: skip
 
 
 def align_step_times(metrics_path: Path) -> tuple[list[int], list[float], list[dict[str, Any]]]:
@@ -257,8 +231,6 @@ def run_child(script: str, extra: list[str], label: str, out: Path) -> dict[str,
     proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
-        if side == "align" and "No module named 'trl'" in proc.stderr:
-            print("align itself imports trl (align/losses/logprobs.py: selective_log_softmax)", file=sys.stderr)
         raise SystemExit(f"{side} child failed with exit code {proc.returncode}")
     result = json.loads(out.read_text())
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
