@@ -73,7 +73,8 @@ def _print_result(summary: dict) -> None:
     if "accuracy" in metrics:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("accuracy_by_condition", {}).items())
         label = "pairwise accuracy" if summary["job"] == "rm" else "task accuracy"
-        print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by})")
+        before = f" (before: {metrics['accuracy_before']:.1%})" if "accuracy_before" in metrics else ""
+        print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by}){before}")
     if "preference_accuracy" in metrics:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics["preference_accuracy_by_condition"].items())
         print(f"[{summary['job']}] held-out preference accuracy (implicit reward) {metrics['preference_accuracy']:.1%} ({by})")

@@ -190,6 +190,22 @@ def _mpo_losses() -> dict[str, float]:
 
 
 @dataclasses.dataclass
+class SampledPairsConfig:
+    """MMPR-style pairs from the starting policy's own samples, built before training (InternVL2.5-MPO)."""
+
+    enabled: bool = False
+    prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: synthetic train prompts
+    num_prompts: int = 400
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    max_pairs_per_prompt: int = 3  # correctness pairs (the paper: up to 15)
+    dropout_ntp_share: float = 0.0  # prompts with a correct sample that also get a Dropout-NTP pair
+    batch_size: int = 64  # prompts per generate call
+
+
+@dataclasses.dataclass
 class MPOConfig:
     """Mixed preference optimisation (InternVL2.5-MPO): weighted registered losses over policy/reference log-ratios."""
 
@@ -202,6 +218,7 @@ class MPOConfig:
     reference: Literal["model", "adapters", "precomputed"] = "model"
     reference_path: str | None = None  # default: model.name_or_path (the starting policy)
     cache_dir: str = "runs/.cache/reference_logprobs"  # precomputed log-probs, keyed by data and model identity
+    sampled_pairs: SampledPairsConfig = dataclasses.field(default_factory=SampledPairsConfig)
 
 
 @dataclasses.dataclass

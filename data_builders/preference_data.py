@@ -13,6 +13,7 @@ dropped to quarantine (`drop`), or an error (`error`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -129,11 +130,13 @@ def preference_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy
 
 
 def build_preference_pairs(
-    sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train"
-) -> list[PreferencePair]:
+    sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train",
+    extra_rows: Iterable[tuple[str, int, Any]] = (),
+) -> list[PreferencePair]:  # fmt: skip
+    """Tokenised pairs from the sources plus `extra_rows` ((origin, row, raw) triples, e.g. pairs built from samples)."""
     pairs = []
-    for source in sources:
-        for origin, row, raw in preference_rows(source, data, policy, split):
+    for source_rows in [*(preference_rows(source, data, policy, split) for source in sources), extra_rows]:
+        for origin, row, raw in source_rows:
             try:
                 prompt, chosen, rejected, condition = parse_preference(raw, origin, row)
                 pairs.append(tokenize_preference(tokenizer, prompt, chosen, rejected, data.max_length, data.truncation, origin, row, condition))

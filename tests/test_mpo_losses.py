@@ -130,3 +130,15 @@ def test_mpo_matches_trl_dpo_trainer(tmp_path, tokenizer, loss_type):
         values, unit = get_loss(name)(x)
         total = total + weight * values.sum() / totals[unit]
     torch.testing.assert_close(total, trl_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_internvl3_recipe_matches_paper():
+    from align.config import MPORecipe, load_recipe
+    from tests.conftest import ROOT
+
+    r = load_recipe(MPORecipe, ROOT / "configs" / "recipes" / "internvl3_mpo.yaml")
+    assert r.mpo.losses == {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0} and r.mpo.beta == 0.1
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.warmup_ratio, r.optim.schedule) == (2e-7, 0.05, 0.03, "cosine")
+    assert (r.train.global_batch_size, r.data.max_length, r.train.epochs) == (256, 12288, 1.0)
+    quick = load_recipe(MPORecipe, ROOT / "configs" / "mpo" / "quickstart.yaml")
+    assert quick.mpo.losses == r.mpo.losses and quick.mpo.sampled_pairs.enabled

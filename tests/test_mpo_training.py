@@ -22,7 +22,8 @@ def mpo_overrides(out: Path, model: Path | str, steps: int = 4, **extra: object)
     base = {"output_dir": str(out), "model.name_or_path": str(model), "data.synthetic.train_rows": 96, "data.synthetic.eval_rows": 24,
             "train.max_steps": steps, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.log_every": 1,
             "eval.num_prompts": 6, "eval.max_new_tokens": 8, "logging.progress": False, "logging.wandb": False,
-            "mpo.cache_dir": str(out.parent / "ref-cache")}  # fmt: skip
+            "mpo.cache_dir": str(out.parent / "ref-cache"), "data.train": "[{path: synthetic}]",
+            "mpo.sampled_pairs.enabled": "false"}  # fmt: skip
     base.update(extra)
     return [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
 
@@ -50,7 +51,8 @@ def test_first_step_has_zero_log_ratios_and_logs_every_component(tmp_path, sft_c
     assert first["loss"] == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + first["loss/sft"], rel=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["metrics"]["preference_accuracy_by_condition"]) == {"math", "concise", "harmless"}
-    assert "task accuracy" in proc.stdout and "preference accuracy" in proc.stdout
+    assert "task accuracy" in proc.stdout and "preference accuracy" in proc.stdout and "(before: " in proc.stdout
+    assert 0 <= summary["metrics"]["accuracy_before"] <= 1 and summary["metrics"]["accuracy_after"] == summary["metrics"]["accuracy"]
     assert summary["data"]["share_prefix"] is True and summary["data"]["tokens_saved_by_sharing"] > 0.2
 
 

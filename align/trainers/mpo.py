@@ -14,6 +14,7 @@ mean(β·lr_c, β·lr_r), gathered across ranks, updated before use, and saved i
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,15 +26,17 @@ from accelerate.utils import gather_object
 from align.config import MPORecipe, SourceConfig
 from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen
 from align.engine.plan import eval_micro_batches
-from align.evaluation import load_prompts, task_accuracy
+from align.evaluation import load_prompts, sample, task_accuracy
 from align.losses import get_loss
 from align.losses.logprobs import hidden_states, logprobs_of
 from align.losses.preference import PreferenceInputs, RunningMean
 from align.trainers.base import Trainer
 from align.trainers.reference_cache import ReferenceCache
 from data_builders.bad_rows import BadRowPolicy
+from data_builders.pair_builders import GeneratedSample, correctness_pairs, dropout_ntp_pairs
 from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pair_units, unit_length
 from data_builders.preference_data import PreferencePair, build_preference_pairs
+from data_builders.synthetic import SyntheticTask
 from rewards.trainer import check_model_path, resolve_share_prefix
 
 
@@ -112,7 +115,10 @@ class MPOTrainer(Trainer):
         self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
         self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
         self.bad_rows = BadRowPolicy(data.on_bad_row)
-        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train")
+        self.model.to(engine.device)
+        self.sampled_stats: dict[str, Any] = {}
+        sampled = self._sampled_pairs() if cfg.sampled_pairs.enabled else []
+        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled)
         eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if any(s.path == "synthetic" for s in data.train) else [])
         self.eval_pairs = build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else []
         if engine.is_main:
@@ -132,11 +138,48 @@ class MPOTrainer(Trainer):
             self.cached, self.cache_hit = cache.load_or_compute(
                 {"train": self.pairs, "eval": self.eval_pairs}, self._load_reference, self._reference_sums, engine
             )
+        self.before = self._task_accuracy(self.model) if recipe.eval.enabled else {}
         fed = sum(unit_length(p.chosen, p.rejected, self.share_prefix) for p in self.pairs)
         self.data_stats = {"train_pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "quarantined": self.bad_rows.count,
                            "train_rows_packed": len(self.train_rows), "share_prefix": self.share_prefix,
                            "tokens_saved_by_sharing": round(1 - fed / sum(len(p) for p in self.pairs), 4),
-                           "reference": cfg.reference, "reference_cache_hit": self.cache_hit}  # fmt: skip
+                           "reference": cfg.reference, "reference_cache_hit": self.cache_hit, "sampled_pairs": self.sampled_stats}  # fmt: skip
+
+    # --- MMPR-style pairs from the starting policy ---------------------------------------------
+    def _sampled_pairs(self) -> list[tuple[str, int, dict]]:
+        """Sample N responses per training prompt, judge them, and build correctness (+ Dropout-NTP) pairs.
+
+        Prompts are sharded across ranks; each rank builds pairs from its own prompts, then all ranks
+        gather the same rows (sorted by prompt) so every rank trains on identical data.
+        """
+        cfg, engine = self.recipe.mpo.sampled_pairs, self.engine
+        problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts, split="train")
+        mine = problems[engine.rank :: engine.world_size]
+        torch.manual_seed(self.recipe.train.seed * 1009 + engine.rank)
+        generated = sample(self.model, self.tokenizer, [p["messages"] for p in mine], engine.accelerator, cfg.max_new_tokens,
+                           cfg.batch_size, cfg.samples_per_prompt, cfg.temperature, cfg.top_p)  # fmt: skip
+        samples = [GeneratedSample(p.get("uid") or f"prompt-{engine.rank}-{i}", p["messages"], text, bool(SyntheticTask.score(p, text)),
+                                   p.get("condition"))
+                   for i, (p, texts) in enumerate(zip(mine, generated)) for text in texts]  # fmt: skip
+        rows = correctness_pairs(samples, cfg.max_pairs_per_prompt, seed=self.recipe.train.seed)
+        if cfg.dropout_ntp_share > 0:
+            rng = random.Random(self.recipe.train.seed)
+            picked = [s for s in samples if rng.random() < cfg.dropout_ntp_share]
+
+            def continue_without_evidence(prompts: list[list[dict]], prefixes: list[str]) -> list[str]:
+                out = sample(self.model, self.tokenizer, prompts, engine.accelerator, cfg.max_new_tokens, cfg.batch_size, 1,
+                             cfg.temperature, cfg.top_p, prefixes)  # fmt: skip
+                return [texts[0] for texts in out]
+
+            rows += dropout_ntp_pairs(picked, continue_without_evidence)
+        counts = [len(samples), sum(s.correct for s in samples), len(rows)]
+        if engine.world_size > 1:
+            rows = gather_object(rows)
+            counts = [int(x) for x in engine.accelerator.reduce(torch.tensor(counts, device=engine.device), "sum").tolist()]
+        rows.sort(key=lambda r: (r["prompt_id"], r["builder"], r["chosen"], r["rejected"]))
+        self.sampled_stats = {"samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4), "pairs": len(rows),
+                              "by_builder": {b: sum(r["builder"] == b for r in rows) for b in ("correctness", "dropout_ntp")}}  # fmt: skip
+        return [("sampled-pairs", i, row) for i, row in enumerate(rows)]
 
     # --- reference --------------------------------------------------------------------------
     def _reference_config(self):
@@ -239,10 +282,16 @@ class MPOTrainer(Trainer):
                 by[condition].append(margin)
             out["preference_accuracy"] = sum(m > 0 for _, m in records) / len(records)
             out["preference_accuracy_by_condition"] = {c: sum(m > 0 for m in v) / len(v) for c, v in sorted(by.items())}
-        cfg = self.recipe.eval
-        if cfg.enabled:
-            problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
-            result = task_accuracy(model, self.tokenizer, problems, engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
-            out |= {k: v for k, v in result.items() if k != "samples"} | {"eval_samples": result["samples"]}
+        if self.recipe.eval.enabled:
+            after = self._task_accuracy(model)
+            out |= {k: v for k, v in after.items() if k != "samples"} | {"eval_samples": after["samples"]}
+            out |= {"accuracy_before": self.before["accuracy"], "accuracy_after": after["accuracy"],
+                    "accuracy_by_condition_before": self.before["accuracy_by_condition"]}  # fmt: skip
         return out
+
+    def _task_accuracy(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Held-out task accuracy by greedy generation (what `align eval` measures), before and after training."""
+        cfg = self.recipe.eval
+        problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
+        return task_accuracy(model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
 
