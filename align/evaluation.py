@@ -31,18 +31,6 @@ def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "he
     return task.rl_prompts(num_prompts, split=split)
 
 
-def generate(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[dict]],
-    accelerator: Accelerator,
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy completions for this rank's prompts (left-padded batches)."""
-    return [texts[0] for texts in sample(model, tokenizer, prompts, accelerator, max_new_tokens, batch_size)]
-
-
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -107,7 +95,7 @@ def task_accuracy(
 ) -> dict[str, Any]:
     """{"accuracy", "accuracy_by_condition", "num_prompts", "samples"} over all ranks' prompts."""
     mine = problems[accelerator.process_index :: accelerator.num_processes]
-    texts = generate(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size)
+    texts = [t[0] for t in sample(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size)]  # greedy
     scored = [
         {"condition": p.get("condition") or "default", "score": SyntheticTask.score(p, text), "response": text}
         for p, text in zip(mine, texts)
