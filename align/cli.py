@@ -77,7 +77,8 @@ def _print_result(summary: dict) -> None:
         print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by}){before}")
     if "preference_accuracy" in metrics:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics["preference_accuracy_by_condition"].items())
-        print(f"[{summary['job']}] held-out preference accuracy (implicit reward) {metrics['preference_accuracy']:.1%} ({by})")
+        print(f"[{summary['job']}] held-out preference accuracy (implicit reward) {metrics['preference_accuracy']:.1%} ({by}), "
+              f"reward margin {metrics['reward_margin']:.3f}, delta {metrics['delta']:.3f}")
     print(f"[{summary['job']}] {summary['steps']} steps, {summary['tokens']} tokens, {summary['wall_s']:.0f} s; model: {summary['model_path']}")
 
 

@@ -51,6 +51,7 @@ def test_first_step_has_zero_log_ratios_and_logs_every_component(tmp_path, sft_c
     assert first["loss"] == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + first["loss/sft"], rel=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["metrics"]["preference_accuracy_by_condition"]) == {"math", "concise", "harmless"}
+    assert "reward_margin" in summary["metrics"] and summary["metrics"]["delta"] == pytest.approx(records(out)[-1]["delta"], abs=0.05)
     assert "task accuracy" in proc.stdout and "preference accuracy" in proc.stdout and "(before: " in proc.stdout
     assert 0 <= summary["metrics"]["accuracy_before"] <= 1 and summary["metrics"]["accuracy_after"] == summary["metrics"]["accuracy"]
     assert summary["data"]["share_prefix"] is True and summary["data"]["tokens_saved_by_sharing"] > 0.2

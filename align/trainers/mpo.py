@@ -267,7 +267,7 @@ class MPOTrainer(Trainer):
     def final_metrics(self) -> dict[str, Any]:
         """Held-out preference accuracy (implicit reward) per condition, and task accuracy by generation."""
         engine, model = self.engine, self.model
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"delta": self.delta.mean}
         if self.eval_rows:
             model.eval()
             records = []
@@ -281,6 +281,7 @@ class MPOTrainer(Trainer):
             for condition, margin in records:
                 by[condition].append(margin)
             out["preference_accuracy"] = sum(m > 0 for _, m in records) / len(records)
+            out["reward_margin"] = self.recipe.mpo.beta * sum(m for _, m in records) / len(records)  # β·(lr_c − lr_r), held out
             out["preference_accuracy_by_condition"] = {c: sum(m > 0 for m in v) / len(v) for c, v in sorted(by.items())}
         if self.recipe.eval.enabled:
             after = self._task_accuracy(model)
