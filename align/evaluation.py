@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase
 
-from data_builders.render import render_prompt
+from align.rollout.generation import HFGenerator, SamplingParams
 from data_builders.synthetic import SyntheticTask
 
 
@@ -31,7 +30,6 @@ def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "he
     return task.rl_prompts(num_prompts, split=split)
 
 
-@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -44,45 +42,10 @@ def sample(
     top_p: float = 1.0,
     prefixes: list[str] | None = None,
 ) -> list[list[str]]:
-    """`n` completions per prompt for this rank's prompts: greedy at temperature 0, else sampled.
-
-    With `prefixes`, each prompt's assistant turn starts with its prefix and the completion continues it.
-
-    Under ZeRO-3 the parameters are gathered once for the whole call (`unwrap_model_for_generation`),
-    so ranks never wait on each other inside `generate` and may produce different lengths.
-    """
-    from trl.models.utils import unwrap_model_for_generation
-
-    outputs: list[list[str]] = []
-    was_training = model.training
-    model.eval()
-    wrapped = accelerator.unwrap_model(model) is not model  # a model not yet prepared holds all its weights already
-    with unwrap_model_for_generation(model, accelerator) if wrapped else nullcontext(model) as unwrapped:
-        for i in range(0, len(prompts), batch_size):
-            chunk = [render_prompt(tokenizer, messages) for messages in prompts[i : i + batch_size]]
-            if prefixes is not None:
-                chunk = [ids + tokenizer(p, add_special_tokens=False)["input_ids"] for ids, p in zip(chunk, prefixes[i : i + batch_size])]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, ids in enumerate(chunk):
-                input_ids[r, width - len(ids) :] = torch.tensor(ids)
-                attention[r, width - len(ids) :] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-            out = unwrapped.generate(
-                input_ids=input_ids.to(accelerator.device),
-                attention_mask=attention.to(accelerator.device),
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            outputs += [texts[j : j + n] for j in range(0, len(texts), n)]
-    if was_training:
-        model.train()
-    return outputs
+    """Texts of `n` completions per prompt for this rank's prompts (greedy at temperature 0); see `HFGenerator`."""
+    generator = HFGenerator(model, tokenizer, accelerator, batch_size)
+    out = generator.generate(prompts, SamplingParams(max_new_tokens, n, temperature, top_p), prefixes)
+    return [[g.text for g in group] for group in out]
 
 
 def task_accuracy(

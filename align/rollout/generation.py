@@ -1,0 +1,93 @@
+"""Generation behind a small interface, so a vLLM backend can replace the HF one without touching trainers.
+
+`HFGenerator` samples with `model.generate` in left-padded batches. Under ZeRO-3 it gathers the
+parameters once per call (TRL's `unwrap_model_for_generation`; peers report ~10× over generating with
+sharded weights), so ranks never wait on each other inside `generate` and may produce different
+lengths. A model not yet prepared by accelerate already holds all its weights and is used as is.
+A response that reaches `max_new_tokens` without the end-of-turn token is flagged `truncated`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
+
+from data_builders.render import render_prompt
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 48
+    n: int = 1
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    response_ids: list[int]  # up to and including the end-of-turn token when there is one
+    text: str  # the response without special tokens
+    truncated: bool
+
+
+class Generator(Protocol):
+    def generate(self, prompts: list[list[dict]], params: SamplingParams, prefixes: list[str] | None = None) -> list[list[Generation]]:
+        """`params.n` generations per prompt (chat messages), in prompt order, for this rank's prompts."""
+        ...
+
+
+class HFGenerator:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, batch_size: int = 64):
+        self.model, self.tokenizer, self.accelerator, self.batch_size = model, tokenizer, accelerator, batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], params: SamplingParams, prefixes: list[str] | None = None) -> list[list[Generation]]:
+        """With `prefixes`, each assistant turn starts with its prefix and the generation continues it."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        model, tok = self.model, self.tokenizer
+        was_training = model.training
+        model.eval()
+        wrapped = self.accelerator.unwrap_model(model) is not model
+        outputs: list[list[Generation]] = []
+        with unwrap_model_for_generation(model, self.accelerator) if wrapped else nullcontext(model) as unwrapped:
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = [render_prompt(tok, messages) for messages in prompts[i : i + self.batch_size]]
+                if prefixes is not None:
+                    chunk = [ids + tok(p, add_special_tokens=False)["input_ids"] for ids, p in zip(chunk, prefixes[i : i + self.batch_size])]
+                outputs += self._batch(unwrapped, chunk, params)
+        if was_training:
+            model.train()
+        return outputs
+
+    def _batch(self, model: torch.nn.Module, chunk: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
+        tok = self.tokenizer
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, ids in enumerate(chunk):
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            attention[r, width - len(ids) :] = 1
+        greedy = params.temperature <= 0
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        out = model.generate(input_ids=input_ids.to(self.accelerator.device), attention_mask=attention.to(self.accelerator.device),
+                             max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sampling)  # fmt: skip
+        if greedy and params.n > 1:  # n greedy samples are n copies
+            out = out.repeat_interleave(params.n, dim=0)
+        generations = []
+        for j, row in enumerate(out[:, width:].tolist()):
+            end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            response = row[:end]
+            truncated = tok.eos_token_id not in response
+            if truncated:  # without an end-of-turn the row may still end in padding (another row ran longer)
+                while response and response[-1] == tok.pad_token_id:
+                    response.pop()
+            generations.append(Generation(chunk[j // params.n], response, tok.decode(response, skip_special_tokens=True), truncated))
+        return [generations[k : k + params.n] for k in range(0, len(generations), params.n)]
