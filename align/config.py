@@ -229,6 +229,50 @@ class MPORecipe(RunRecipe):
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
+def _rlhf_routes() -> dict[str, dict[str, float]]:
+    return {"math": {"rm": 1.0, "task": 1.0}, "concise": {"rm": 1.0, "task": 1.0}, "harmless": {"rm": 1.0, "task": 1.0}}
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    """COOL RLHF (InternLM2 §4.2): conditional online PPO against the reward router, in rounds."""
+
+    reward_model: str = "runs/rm-quickstart/model"  # a conditional RM from `align rm`; also the critic's start
+    routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rlhf_routes)  # condition → {rm | verifier: weight}
+    rounds: int = 1
+    iterations_per_round: int = 20
+    prompts_per_iteration: int = 32
+    samples_per_prompt: int = 1
+    ppo_epochs: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    truncated: Literal["penalty", "drop"] = "penalty"  # responses that hit max_new_tokens
+    truncation_penalty: float = -1.0
+    kl_coef: float = 0.01
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = 1.0
+    lam: float = 0.99
+    clip: float = 0.2
+    value_clip: float | None = None  # off in InternLM2
+    whiten_advantages: bool = False
+    reward_clip: float = 5.0
+    critic_lr: float = 5e-6
+    critic_warmup_iterations: int = 50  # critic-only iterations before the actor moves
+    ptx_coef: float = 0.5  # pretraining (SFT) loss on data.train
+    comparisons_dir: str | None = None  # slow path: externally labelled comparison JSONL files ingested between rounds
+    rm_update_steps: int = 0  # fast path: reward-model steps on early-vs-late comparisons between rounds
+
+
+@dataclasses.dataclass
+class RLHFRecipe(RunRecipe):
+    output_dir: str = "runs/rlhf"
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)  # the RM's condition prompts
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
 # ----------------------------------------------------------------------------- loading
 def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read `path` (YAML), apply `key.sub=value` overrides, and build a checked `cls`."""

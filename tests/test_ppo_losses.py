@@ -57,3 +57,13 @@ def test_explained_variance():
     ret, mask = torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3)
     assert explained_variance(ret, ret, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full((1, 3), 2.0), ret, mask) == pytest.approx(0.0)
+
+
+def test_internlm2_cool_rlhf_recipe_matches_paper():
+    from align.config import RLHFRecipe, load_recipe
+    from tests.conftest import ROOT
+
+    r = load_recipe(RLHFRecipe, ROOT / "configs" / "recipes" / "internlm2_cool_rlhf.yaml")
+    p = r.ppo
+    assert (r.optim.lr, p.critic_lr, p.kl_coef, p.lam, p.gamma, p.top_p) == (1e-6, 5e-6, 0.01, 0.99, 1.0, 0.9)
+    assert (p.critic_warmup_iterations, p.ptx_coef, p.rounds, p.value_clip, p.whiten_advantages) == (50, 0.5, 3, None, False)
