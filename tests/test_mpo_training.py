@@ -104,9 +104,11 @@ def test_mpo_two_rank_zero3_with_frozen_reference(tmp_path, sft_checkpoint):
     out = tmp_path / "mpo2"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
                 str(ROOT / "configs/accelerate/zero3.yaml"), "--main_process_port", "0", "-m", "align"]  # fmt: skip
-    proc = align_mpo(tmp_path, mpo_overrides(out, sft_checkpoint, steps=2, **{"mpo.reference": "model", "eval.enabled": "false"}), launcher)
+    # eval on: the task accuracy before training generates in setup, from weights ZeRO-3 partitioned at load time
+    proc = align_mpo(tmp_path, mpo_overrides(out, sft_checkpoint, steps=2, **{"mpo.reference": "model", "eval.num_prompts": 5}), launcher)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["deepspeed"]
     first = records(out)[0]
     assert first["loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-5)  # the partitioned reference equals the policy
-    assert proc.stdout.count("preference accuracy") == 1
+    assert proc.stdout.count("preference accuracy") == 1 and proc.stdout.count("(before: ") == 1
+    assert summary["metrics"]["num_prompts"] == 5  # both ranks' prompts, gathered

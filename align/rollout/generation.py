@@ -1,15 +1,15 @@
 """Generation behind a small interface, so a vLLM backend can replace the HF one without touching trainers.
 
 `HFGenerator` samples with `model.generate` in left-padded batches. Under ZeRO-3 it gathers the
-parameters once per call (TRL's `unwrap_model_for_generation`; peers report ~10× over generating with
-sharded weights), so ranks never wait on each other inside `generate` and may produce different
-lengths. A model not yet prepared by accelerate already holds all its weights and is used as is.
+parameters once per call (`full_weights`; peers report ~10× over generating with sharded weights), so
+ranks never wait on each other inside `generate` and may produce different lengths.
 A response that reaches `max_new_tokens` without the end-of-turn token is flagged `truncated`.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +42,28 @@ class Generator(Protocol):
         ...
 
 
+@contextmanager
+def full_weights(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[torch.nn.Module]:
+    """The model with all its weights present for `generate`, gathered once for the whole block.
+
+    Prepared under ZeRO-3: TRL's `unwrap_model_for_generation`. Not prepared but partitioned at load time
+    (`from_pretrained` under an active ZeRO-3 config runs `zero.Init`): DeepSpeed's `GatheredParameters`.
+    Otherwise the model already holds its weights.
+    """
+    if accelerator.unwrap_model(model) is not model:
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(model, accelerator) as unwrapped:
+            yield unwrapped
+    elif any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield model
+    else:
+        yield model
+
+
 class HFGenerator:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, batch_size: int = 64):
         self.model, self.tokenizer, self.accelerator, self.batch_size = model, tokenizer, accelerator, batch_size
@@ -49,14 +71,11 @@ class HFGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams, prefixes: list[str] | None = None) -> list[list[Generation]]:
         """With `prefixes`, each assistant turn starts with its prefix and the generation continues it."""
-        from trl.models.utils import unwrap_model_for_generation
-
         model, tok = self.model, self.tokenizer
         was_training = model.training
         model.eval()
-        wrapped = self.accelerator.unwrap_model(model) is not model
         outputs: list[list[Generation]] = []
-        with unwrap_model_for_generation(model, self.accelerator) if wrapped else nullcontext(model) as unwrapped:
+        with full_weights(model, self.accelerator) as unwrapped:
             for i in range(0, len(prompts), self.batch_size):
                 chunk = [render_prompt(tok, messages) for messages in prompts[i : i + self.batch_size]]
                 if prefixes is not None:
