@@ -29,7 +29,8 @@ class GeneratedSample:
 
 
 def correctness_pairs(samples: Sequence[GeneratedSample], max_pairs_per_prompt: int = 15, seed: int = 0) -> list[dict]:
-    """Correct beats wrong, per prompt; distinct responses only; at most `max_pairs_per_prompt`, drawn at random."""
+    """Correct beats wrong, per prompt; distinct non-empty responses only (an empty sample can't be a preference
+    row); at most `max_pairs_per_prompt`, drawn at random."""
     rng = random.Random(seed)
     groups: dict[str, list[GeneratedSample]] = defaultdict(list)
     for s in samples:
@@ -37,8 +38,8 @@ def correctness_pairs(samples: Sequence[GeneratedSample], max_pairs_per_prompt: 
     rows = []
     for prompt_id in sorted(groups):
         group = groups[prompt_id]
-        right = sorted({s.response for s in group if s.correct})
-        wrong = sorted({s.response for s in group if not s.correct})
+        right = sorted({s.response for s in group if s.correct and s.response.strip()})
+        wrong = sorted({s.response for s in group if not s.correct and s.response.strip()})
         combos = [(c, r) for c in right for r in wrong]
         rng.shuffle(combos)
         for chosen, rejected in combos[:max_pairs_per_prompt]:
@@ -82,7 +83,7 @@ def dropout_ntp_pairs(
     chosen: list[GeneratedSample] = []
     per_prompt: dict[str, int] = defaultdict(int)
     for s in samples:
-        if s.correct and per_prompt[s.prompt_id] < max_per_prompt and len(s.response.split(" ")) > 1:
+        if s.correct and per_prompt[s.prompt_id] < max_per_prompt and len(s.response.split()) > 1:
             per_prompt[s.prompt_id] += 1
             chosen.append(s)
     prefixes = [truncate_words(s.response, share) for s in chosen]
@@ -90,7 +91,7 @@ def dropout_ntp_pairs(
     rows = []
     for s, prefix, rest in zip(chosen, prefixes, continuations, strict=True):
         rejected = prefix + rest
-        if rejected.strip() != s.response.strip():
+        if rejected.strip() and rejected.strip() != s.response.strip():
             rows.append({"prompt": [dict(m) for m in s.prompt], "chosen": s.response, "rejected": rejected,
                          "condition": s.condition, "builder": "dropout_ntp", "prompt_id": s.prompt_id})  # fmt: skip
     return rows

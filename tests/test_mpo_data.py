@@ -58,7 +58,7 @@ def samples(prompt_id, responses, correct):
 
 
 def test_correctness_pairs_pair_distinct_right_against_wrong_at_most_k():
-    group = samples("a", ["x", "x", "y", "z", "w"], [True, True, True, False, False])
+    group = samples("a", ["x", "x", "y", "z", "w", "", "  "], [True, True, True, False, False, False, False])  # empty: no row
     rows = correctness_pairs(group + samples("b", ["x", "y"], [True, True]), max_pairs_per_prompt=3)
     assert len(rows) == 3  # 2 right × 2 wrong = 4 candidates, capped at 3; prompt b (all right) gives none
     assert all(r["chosen"] in {"x", "y"} and r["rejected"] in {"z", "w"} and r["prompt_id"] == "a" for r in rows)
