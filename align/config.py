@@ -64,7 +64,6 @@ class SyntheticConfig:
     eval_rows: int = 300
     concise_share: float = 0.7
     system_share: float = 0.5  # SFT rows opening with a generic system prompt (robust to the RM's condition prompts)
-    verify_share: float = 0.0  # SFT rows that check a quoted solution's final answer (critique data)
 
 
 @dataclasses.dataclass

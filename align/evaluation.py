@@ -26,7 +26,7 @@ def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "he
     if path:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         return rows[:num_prompts]
-    task = SyntheticTask(synthetic.seed, synthetic.digits, synthetic.concise_share, synthetic.system_share, synthetic.verify_share)
+    task = SyntheticTask(synthetic.seed, synthetic.digits, synthetic.concise_share, synthetic.system_share)
     return task.rl_prompts(num_prompts, split=split)
 
 

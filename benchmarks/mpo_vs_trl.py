@@ -233,12 +233,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mpo_vs_trl_") as tmp:
         results = {(side, ref): spawn(args, side, ref, Path(tmp)) for ref in REFERENCES for side in ("align", "trl")}
     print(f"\n{'run':<6} {'reference':<12} {'configuration':<32} {'pairs/step':>10} {'tokens/step':>11} {'fed/step':>9} {'pad %':>6} "
-          f"{'precompute s':>12} {'pairs/s':>8} {'tokens/s':>9} {'median step':>12} {'peak RSS MiB':>13}")  # fmt: skip
+          f"{'precompute s':>12} {'steps/s':>8} {'pairs/s':>8} {'tokens/s':>9} {'median step':>12} {'peak RSS MiB':>13}")  # fmt: skip
     for (side, ref), r in results.items():
         pad = 1 - r["fed"] / r["positions"]
         pairs_per_s = r["tokens_per_s"] * r["pairs"] / r["tokens"]
+        steps_per_s = (r["steps"] - min(args.warmup, r["steps"] - 1)) / r["timed_s"]
         print(f"{side:<6} {ref:<12} {r['config']:<32} {r['pairs'] / r['steps']:>10.1f} {r['tokens'] / r['steps']:>11.0f} "
-              f"{r['fed'] / r['steps']:>9.0f} {pad:>6.1%} {r['precompute_s']:>12.1f} {pairs_per_s:>8.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['fed'] / r['steps']:>9.0f} {pad:>6.1%} {r['precompute_s']:>12.1f} {steps_per_s:>8.2f} {pairs_per_s:>8.1f} {r['tokens_per_s']:>9.0f} "
               f"{r['median_step_tokens_per_s']:>12.0f} {r['peak_rss_mib']:>13.0f}")  # fmt: skip
     for key in ("weights", "data"):
         values = {r[key] for r in results.values()}
@@ -252,7 +253,7 @@ def main() -> None:
     best_align = max(REFERENCES, key=lambda ref: results[("align", ref)]["tokens_per_s"])
     a, t = results[("align", best_align)], results[("trl", best_trl)]
     print(f"tokens = len(prompt + chosen) + len(prompt + rejected) over all steps' pairs (what TRL feeds); fed = non-pad positions "
-          f"fed to the model; precompute time is spread over the pairs trained and included in tokens/s. RESULT compares each "
+          f"fed to the model; precompute time is spread over the pairs trained and included in steps/s and tokens/s. RESULT compares each "
           f"side's faster set-up: align {best_align}, TRL {best_trl}.")  # fmt: skip
     print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f}")
 

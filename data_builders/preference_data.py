@@ -121,7 +121,7 @@ def _trailing_newlines(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> in
 def preference_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, split: str):
     if source.path == "synthetic":
         syn = data.synthetic
-        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share, syn.verify_share)
+        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
         n = source.max_rows or (syn.train_rows if split == "train" else syn.eval_rows)
         for i, row in enumerate(task.preference_pairs(n, split="train" if split == "train" else "heldout")):
             yield f"synthetic-pairs[{split}]", i, row

@@ -33,7 +33,7 @@ def source_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, sp
     """(origin, row, raw) triples for one source; `synthetic` is generated from the recipe's seed."""
     if source.path == "synthetic":
         syn = data.synthetic
-        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share, syn.verify_share)
+        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
         n = syn.train_rows if split == "train" else syn.eval_rows
         rows = task.sft_conversations(source.max_rows or n, split="train" if split == "train" else "heldout")
         for i, row in enumerate(rows):

@@ -110,14 +110,13 @@ def _is_heldout(key: str) -> bool:
 class SyntheticTask:
     """Seeded generator of problems, conversations, pairs and RL prompts."""
 
-    def __init__(self, seed: int = 0, digits: int = 3, concise_share: float = 0.7, system_share: float = 0.0, verify_share: float = 0.0):
+    def __init__(self, seed: int = 0, digits: int = 3, concise_share: float = 0.7, system_share: float = 0.0):
         if digits < 1:
             raise ValueError("digits must be >= 1")
         self.seed = seed
         self.digits = digits
         self.concise_share = concise_share  # share of concise SFT answers to concise prompts
         self.system_share = system_share  # share of SFT conversations that open with a generic system prompt
-        self.verify_share = verify_share  # share of SFT conversations that check a quoted solution's final answer
 
     # --- problems -------------------------------------------------------------------------
     def problems(self, n: int, split: str = "train", salt: str = "") -> list[Problem]:
@@ -176,24 +175,10 @@ class SyntheticTask:
         rng = random.Random(f"{self.seed}/sft/{split}")
         rows = []
         for p in self.problems(n, split, salt="sft"):
-            if self.verify_share and p.operands and rng.random() < self.verify_share:
-                rows.append(self.verification(p, rng))
-                continue
             reply = self.reference_response(p, rng)
             system = [{"role": "system", "content": generic_system_prompt(rng)}] if self.system_share and rng.random() < self.system_share else []
             rows.append({"messages": [*system, *map(dict, p.messages), {"role": "assistant", "content": reply}], "condition": p.condition})
         return rows
-
-    @staticmethod
-    def verification(p: Problem, rng: random.Random) -> dict:
-        """Critique data: is the quoted solution's final answer right? Half are, half slip by ±1/±10/±100."""
-        solution = worked_solution(*p.operands)
-        right = rng.random() < 0.5
-        if not right:
-            solution = solution.rsplit("Final Answer: ", 1)[0] + f"Final Answer: {wrong_total(rng, p.answer)}"
-        verdict = "Yes, the final answer is right." if right else f"No, the final answer should be {p.answer}."
-        question = f"Check this solution: {solution}. Is the final answer right?"
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": verdict}], "condition": "verify"}
 
     def preference_pairs(self, n: int, split: str = "train") -> list[dict]:
         """`prompt` / `chosen` / `rejected` rows: right vs wrong (with work), concise vs worked (both right), refuse vs comply."""
