@@ -87,7 +87,7 @@ def recipe(args: argparse.Namespace, output_dir: Path) -> Any:
         f"train.seed={args.seed}", "train.log_every=1", "train.resume=false", "train.save_every=0", "train.eval_every=0",
         "logging.wandb=false", "logging.progress=false", "eval.enabled=false", "mpo.beta=0.1",
         "mpo.losses={sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}", f"mpo.reference={reference}",
-        f"mpo.cache_dir={output_dir}/cache",
+        f"mpo.cache_dir={output_dir}/cache", "mpo.sampled_pairs.enabled=false",
     ]  # fmt: skip
     return load_recipe(MPORecipe, REPO / "configs/mpo/quickstart.yaml", overrides)
 
