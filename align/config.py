@@ -83,6 +83,12 @@ class DataConfig:
     pair_row_tokens: int | None = None  # tokens per packed row of pairs; default 2·max_length (the longest pair)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
+    def eval_sources(self) -> list[SourceConfig]:
+        """`eval` if given; else the synthetic suite's held-out split when training on it; else none."""
+        if self.eval:
+            return list(self.eval)
+        return [SourceConfig(path="synthetic", split="eval")] if any(s.path == "synthetic" for s in self.train) else []
+
 
 @dataclasses.dataclass
 class OptimConfig:

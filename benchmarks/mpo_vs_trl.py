@@ -44,27 +44,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rm_vs_trl import digest  # noqa: E402
+from rm_vs_trl import digest, pair_benchmark_parser  # noqa: E402
 from sft_vs_trl import REPO, align_step_times, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 REFERENCES = ("live", "precomputed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps (< 3 min on 2 cores)")
-    p.add_argument("--model", default="builtin:small", help="builtin:tiny|small")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 10 quick, 30 full)")
-    p.add_argument("--warmup", type=int, default=2, help="leading steps left out of the rates")
-    p.add_argument("--batch", type=int, default=8, help="align: packed rows per step (TRL: as many pairs as these hold on average)")
-    p.add_argument("--max-length", type=int, default=256, help="per sequence (prompt + response)")
-    p.add_argument("--row-tokens", type=int, default=256, help="align: tokens per packed row")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child", choices=["align", "trl"], help=argparse.SUPPRESS)
+    p = pair_benchmark_parser(__doc__, "optimizer steps per run (default 10 quick, 30 full)", warmup=2, lr=1e-4,
+                              max_length_help="per sequence (prompt + response)")  # fmt: skip
     p.add_argument("--reference", choices=REFERENCES, default="live", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (10 if args.quick else 30)
     args.pairs = args.steps * args.batch * 6  # ~5 shared-prefix pairs fill a 256-token row: each side trains < 1 epoch
@@ -157,7 +146,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from align.engine.models import load_causal_lm, load_tokenizer
     from data_builders.bad_rows import BadRowPolicy
-    from data_builders.pair_rows import pack_pair_units, unit_length
+    from data_builders.pair_rows import pack_pairs
     from data_builders.preference_data import build_preference_pairs
 
     torch.set_num_threads(args.threads)
@@ -167,7 +156,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     reference = copy.deepcopy(model).eval()
     pairs = build_preference_pairs(rcp.data.train, rcp.data, tokenizer, BadRowPolicy(rcp.data.on_bad_row))
     fingerprint = digest(model, pairs)
-    packed_rows = len(pack_pair_units([unit_length(p.chosen, p.rejected, True) for p in pairs], args.row_tokens))
+    packed_rows = len(pack_pairs(pairs, args.row_tokens, True, True)[0])  # as align packs them
     batch = round(args.batch * len(pairs) / packed_rows)  # align's average pairs per step
     rows = [{"prompt_ids": p.chosen[: p.prompt_length], "chosen_ids": p.chosen[p.prompt_length :],
              "rejected_ids": p.rejected[p.prompt_length :]} for p in pairs]  # fmt: skip

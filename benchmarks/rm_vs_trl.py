@@ -53,21 +53,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_vs_trl import REPO, align_step_times, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def pair_benchmark_parser(doc: str, steps_help: str, warmup: int, lr: float, max_length_help: str) -> argparse.ArgumentParser:
+    """The options the pair benchmarks (RM, MPO) share: model, steps, batch of packed rows, lengths, threads, child plumbing."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps (< 3 min on 2 cores)")
     p.add_argument("--model", default="builtin:small", help="builtin:tiny|small")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 20 quick, 50 full)")
-    p.add_argument("--warmup", type=int, default=3, help="leading steps left out of the rates")
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--warmup", type=int, default=warmup, help="leading steps left out of the rates")
     p.add_argument("--batch", type=int, default=8, help="align: packed rows per step (TRL: as many pairs as these hold on average)")
-    p.add_argument("--max-length", type=int, default=256, help="per document")
-    p.add_argument("--row-tokens", type=int, default=256, help="align: tokens per packed row (the quickstart's data.pair_row_tokens)")
-    p.add_argument("--no-share-prefix", action="store_true", help="align: chosen and rejected as two documents (no prefix sharing)")
+    p.add_argument("--max-length", type=int, default=256, help=max_length_help)
+    p.add_argument("--row-tokens", type=int, default=256, help="align: tokens per packed row (data.pair_row_tokens)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--seed", type=int, default=0, help="model init, data and shuffling")
     p.add_argument("--child", choices=["align", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = pair_benchmark_parser(__doc__, "optimizer steps per side (default 20 quick, 50 full)", warmup=3, lr=2e-3, max_length_help="per document")
+    p.add_argument("--no-share-prefix", action="store_true", help="align: chosen and rejected as two documents (no prefix sharing)")
     args = p.parse_args(argv)
     args.steps = args.steps or (20 if args.quick else 50)
     # enough pairs for every step: ~3 pairs (~150 tokens each) fill a 512-token row; no step repeats a pair
@@ -153,7 +159,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from align.engine.models import load_tokenizer
     from data_builders.bad_rows import BadRowPolicy
-    from data_builders.pair_rows import pack_pair_units, unit_length
+    from data_builders.pair_rows import pack_pairs
     from rewards.data import build_pairs
     from rewards.model import load_reward_model
 
@@ -163,8 +169,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = load_reward_model(rcp.model, tokenizer, torch.float32, seed=rcp.train.seed)  # as RMTrainer.setup does
     pairs = build_pairs(rcp.data.train, rcp.data, rcp.reward.conditions, tokenizer, BadRowPolicy(rcp.data.on_bad_row))
     fingerprint = digest(model, pairs)
-    units = [unit_length(p.chosen, p.rejected, not args.no_share_prefix) for p in pairs]
-    packed_rows = len(pack_pair_units(units, args.row_tokens))  # as align packs them
+    packed_rows = len(pack_pairs(pairs, args.row_tokens, True, not args.no_share_prefix)[0])  # as align packs them
     batch = round(args.batch * len(pairs) / packed_rows)  # align's average pairs per step
     rows = [{"chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]  # margins are all 0: none passed
     config = RewardConfig(

@@ -90,6 +90,13 @@ def pack_pair_units(lengths: Sequence[int], capacity: int, packing: bool = True)
     return pack_best_fit([min(n, capacity) for n in lengths], capacity)
 
 
+def pack_pairs(pairs: Sequence[object], capacity: int, packing: bool, share_prefix: bool) -> tuple[list[list[int]], float]:
+    """Rows of pair indices (objects with `.chosen`/`.rejected` ids), and the share of tokens sharing saves."""
+    lengths = [unit_length(p.chosen, p.rejected, share_prefix) for p in pairs]
+    full = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    return pack_pair_units(lengths, capacity, packing), round(1 - sum(lengths) / max(1, full), 4)
+
+
 def collate_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int, share_prefix: bool = True,
                       multiple_of: int = 8) -> PairRows:
     """Rows of (chosen ids, rejected ids) → tensors, right-padded to a multiple of `multiple_of`."""

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from align.config import RMRecipe, SourceConfig
+from align.config import RMRecipe
 from align.engine.models import load_tokenizer
 from align.engine.plan import eval_micro_batches
 from align.trainers.base import Trainer
 from data_builders.bad_rows import BadRowPolicy
-from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pair_units, unit_length
+from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pairs
 from rewards.data import Pair, build_pairs
 from rewards.losses import pair_losses
 from rewards.model import load_reward_model, pair_scores
@@ -82,20 +82,18 @@ class RMTrainer(Trainer):
         self.bad_rows = BadRowPolicy(data.on_bad_row)
         build = lambda sources, split: build_pairs(sources, data, reward.conditions, self.tokenizer, self.bad_rows, token_id, split)  # noqa: E731
         self.pairs = build(data.train, "train")
-        eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if any(s.path == "synthetic" for s in data.train) else [])
+        eval_sources = data.eval_sources()
         self.eval_pairs = build(eval_sources, "eval") if eval_sources else []
         if engine.is_main:
             self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
         self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
         # a row holds 2·max_length tokens by default (the longest possible pair); InternLM2: 8192 → 16,384-token batches
         capacity = data.pair_row_tokens or 2 * data.max_length
-        pack = lambda pairs: pack_pair_units([unit_length(p.chosen, p.rejected, self.share_prefix) for p in pairs], capacity, data.packing)  # noqa: E731
-        self.train_rows = pack(self.pairs)
-        self.eval_rows = pack(self.eval_pairs) if self.eval_pairs else []
-        fed = sum(unit_length(p.chosen, p.rejected, self.share_prefix) for p in self.pairs)
+        self.train_rows, saved = pack_pairs(self.pairs, capacity, data.packing, self.share_prefix)
+        self.eval_rows = pack_pairs(self.eval_pairs, capacity, data.packing, self.share_prefix)[0] if self.eval_pairs else []
         self.data_stats = {"train_pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "quarantined": self.bad_rows.count,
                            "train_rows_packed": len(self.train_rows), "share_prefix": self.share_prefix,
-                           "tokens_saved_by_sharing": round(1 - fed / sum(len(p) for p in self.pairs), 4)}
+                           "tokens_saved_by_sharing": saved}
 
     def _split(self, split: str) -> tuple[list[list[int]], list[Pair]]:
         return (self.train_rows, self.pairs) if split == "train" else (self.eval_rows, self.eval_pairs)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from align.config import MPORecipe, SourceConfig
+from align.config import MPORecipe
 from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen
 from align.engine.plan import eval_micro_batches
 from align.evaluation import load_prompts, sample, task_accuracy
@@ -34,7 +34,7 @@ from align.trainers.base import Trainer
 from align.trainers.reference_cache import ReferenceCache
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.pair_builders import GeneratedSample, correctness_pairs, dropout_ntp_pairs
-from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pair_units, unit_length
+from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs
 from data_builders.preference_data import PreferencePair, build_preference_pairs
 from data_builders.synthetic import SyntheticTask
 from rewards.trainer import check_model_path, resolve_share_prefix
@@ -119,14 +119,13 @@ class MPOTrainer(Trainer):
         self.sampled_stats: dict[str, Any] = {}
         sampled = self._sampled_pairs() if cfg.sampled_pairs.enabled else []
         self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled)
-        eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if any(s.path == "synthetic" for s in data.train) else [])
+        eval_sources = data.eval_sources()
         self.eval_pairs = build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else []
         if engine.is_main:
             self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
         capacity = data.pair_row_tokens or 2 * data.max_length
-        pack = lambda pairs: pack_pair_units([unit_length(p.chosen, p.rejected, self.share_prefix) for p in pairs], capacity, data.packing)  # noqa: E731
-        self.train_rows = pack(self.pairs)
-        self.eval_rows = pack(self.eval_pairs) if self.eval_pairs else []
+        self.train_rows, saved = pack_pairs(self.pairs, capacity, data.packing, self.share_prefix)
+        self.eval_rows = pack_pairs(self.eval_pairs, capacity, data.packing, self.share_prefix)[0] if self.eval_pairs else []
         self.delta = RunningMean()
         self.reference = None
         self.cached: dict[str, torch.Tensor] = {}
@@ -139,10 +138,9 @@ class MPOTrainer(Trainer):
                 {"train": self.pairs, "eval": self.eval_pairs}, self._load_reference, self._reference_sums, engine
             )
         self.before = self._task_accuracy(self.model) if recipe.eval.enabled else {}
-        fed = sum(unit_length(p.chosen, p.rejected, self.share_prefix) for p in self.pairs)
         self.data_stats = {"train_pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "quarantined": self.bad_rows.count,
                            "train_rows_packed": len(self.train_rows), "share_prefix": self.share_prefix,
-                           "tokens_saved_by_sharing": round(1 - fed / sum(len(p) for p in self.pairs), 4),
+                           "tokens_saved_by_sharing": saved,
                            "reference": cfg.reference, "reference_cache_hit": self.cache_hit, "sampled_pairs": self.sampled_stats}  # fmt: skip
 
     # --- MMPR-style pairs from the starting policy ---------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from align.config import SFTRecipe, SourceConfig
+from align.config import SFTRecipe
 from align.engine.models import load_causal_lm, load_tokenizer
 from align.evaluation import load_prompts, task_accuracy
 from align.losses import register_loss
@@ -41,7 +41,7 @@ class SFTTrainer(Trainer):
         self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
         self.bad_rows = BadRowPolicy(data.on_bad_row)
         self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train")
-        eval_sources = data.eval or ([SourceConfig(path="synthetic", split="eval")] if _uses_synthetic(data.train) else [])
+        eval_sources = data.eval_sources()
         self.eval_samples, eval_stats = (
             build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else ([], None)
         )
@@ -87,6 +87,3 @@ class SFTTrainer(Trainer):
         result = task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
         return {k: v for k, v in result.items() if k != "samples"} | {"eval_samples": result["samples"]}
 
-
-def _uses_synthetic(sources: list[SourceConfig]) -> bool:
-    return any(s.path == "synthetic" for s in sources)
