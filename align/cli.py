@@ -38,9 +38,41 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_mpo(args: argparse.Namespace) -> int:
-    from align.trainers.mpo import MPOTrainer
+    """One MPO job, or online MPO's rounds when `mpo.sampled_pairs.rounds` > 1."""
+    from align.config import MPORecipe
 
-    return _train(MPOTrainer, args)
+    recipe = load_recipe(MPORecipe, args.config, args.overrides)
+    if recipe.mpo.sampled_pairs.rounds <= 1:
+        from align.trainers.mpo import MPOTrainer
+
+        return _train(MPOTrainer, args)
+    from align.trainers.online_mpo import run_online_mpo
+
+    summary = run_online_mpo(recipe)
+    if os.environ.get("RANK", "0") == "0":
+        for r in summary["rounds"]:
+            m, pairs = r["metrics"], (r["sampled_pairs"] or {}).get("pairs", 0)
+            acc = f"task accuracy {m['accuracy_before']:.1%} -> {m['accuracy_after']:.1%}, " if "accuracy_after" in m else ""
+            print(f"[mpo] round {r['round']}{' (finished earlier, skipped)' if r['skipped'] else ''}: {acc}{pairs} sampled pairs; {r['run_dir']}")
+        _print_result(summary)
+    return 0
+
+
+def cmd_rlhf(args: argparse.Namespace) -> int:
+    from align.config import RLHFRecipe
+    from align.trainers.rlhf import run_rlhf
+
+    summary = run_rlhf(load_recipe(RLHFRecipe, args.config, args.overrides))
+    if os.environ.get("RANK", "0") == "0":
+        m = summary["metrics"]
+        if "reward_before" in m:
+            by = ", ".join(f"{c} {m['accuracy_by_condition_before'][c]:.0%}→{v:.0%}" for c, v in m["accuracy_by_condition"].items())
+            print(f"[rlhf] held-out reward {m['reward_before']:.3f} → {m['reward_after']:.3f}; task accuracy "
+                  f"{m['accuracy_before']:.1%} → {m['accuracy_after']:.1%} ({by}); KL {m['kl']:.3f}")  # fmt: skip
+        split = ", ".join(f"{k} {v:.0f} s" for k, v in summary["time_split_s"].items())
+        print(f"[rlhf] {summary['iterations']} iterations, {summary['optimizer_steps']} optimizer steps, {summary['wall_s']:.0f} s ({split}); "
+              f"model: {summary['model_path']}")  # fmt: skip
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     mpo = sub.add_parser("mpo", help="mixed preference optimisation: DPO + BCO + NLL (InternVL2.5-MPO)")
     _add_common(mpo)
     mpo.set_defaults(func=cmd_mpo)
+    rlhf = sub.add_parser("rlhf", help="COOL RLHF: conditional online PPO in rounds (InternLM2)")
+    _add_common(rlhf)
+    rlhf.set_defaults(func=cmd_rlhf)
     ev = sub.add_parser("eval", help="task accuracy per condition on held-out prompts")
     _add_common(ev, config_required=False)
     ev.add_argument("--model", help="model directory, hub name or builtin:NAME (overrides model.name_or_path)")

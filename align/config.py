@@ -160,9 +160,31 @@ class RunRecipe:
 
 
 @dataclasses.dataclass
+class PolicySamplingConfig:
+    """Samples drawn from the starting policy in `setup`, scored by the task verifier, kept in a rollout buffer."""
+
+    enabled: bool = False
+    prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: synthetic train prompts
+    num_prompts: int = 400
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 64  # prompts per generate call
+
+
+@dataclasses.dataclass
+class RejectionSamplingConfig(PolicySamplingConfig):
+    """Rejection-sampling SFT: each prompt's best sample (`RolloutBuffer.best_of_n`) joins `data.train`."""
+
+    require_correct: bool = True  # keep a prompt only if one of its samples is verifier-correct (truncated ones never count)
+
+
+@dataclasses.dataclass
 class SFTRecipe(RunRecipe):
     output_dir: str = "runs/sft"
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    rejection_sampling: RejectionSamplingConfig = dataclasses.field(default_factory=RejectionSamplingConfig)
 
 
 def _default_conditions() -> dict[str, str]:
@@ -196,19 +218,18 @@ def _mpo_losses() -> dict[str, float]:
 
 
 @dataclasses.dataclass
-class SampledPairsConfig:
-    """MMPR-style pairs from the starting policy's own samples, built before training (InternVL2.5-MPO)."""
+class SampledPairsConfig(PolicySamplingConfig):
+    """MMPR-style pairs from the policy's own samples, built before training (InternVL2.5-MPO).
 
-    enabled: bool = False
-    prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: synthetic train prompts
-    num_prompts: int = 400
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
+    `rounds` > 1 makes `align mpo` online (InternVL-MPO's iterative rounds): round k is a whole MPO job in
+    `output_dir/round-k` whose policy is round k−1's export, so its pairs come from the policy as trained so far.
+    """
+
     max_pairs_per_prompt: int = 3  # correctness pairs (the paper: up to 15)
     dropout_ntp_share: float = 0.0  # prompts with a correct sample that also get a Dropout-NTP pair
-    batch_size: int = 64  # prompts per generate call
+    rounds: int = 1  # sample → train rounds; a finished round (its summary.json exists) is skipped on rerun
+    update_reference: bool = False  # each round's reference is that round's starting policy (default: the first round's)
+    round_index: int = 0  # set by the online runner for each round's job (sampling seed, rollout round); leave at 0
 
 
 @dataclasses.dataclass
@@ -240,20 +261,34 @@ def _rlhf_routes() -> dict[str, dict[str, float]]:
 
 
 @dataclasses.dataclass
+class DetectorConfig:
+    """Reward-hacking detectors run between rounds on the round's early vs. late samples (COOL RLHF fast path)."""
+
+    accuracy_drop: float = 0.02  # reward rose while verifier accuracy fell by more than this
+    length_ratio: float = 1.5  # late mean response length over early
+    truncated_share: float = 0.2  # late share of responses cut at max_new_tokens
+    repetition_share: float = 0.1  # late share of responses repeating a word 3-gram three times or more
+
+
+@dataclasses.dataclass
 class PPOConfig:
     """COOL RLHF (InternLM2 §4.2): conditional online PPO against the reward router, in rounds."""
 
     reward_model: str = "runs/rm-quickstart/model"  # a conditional RM from `align rm`; also the critic's start
     routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rlhf_routes)  # condition → {rm | verifier: weight}
+    prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: the synthetic train prompts
+    num_prompts: int = 2000  # prompt pool, cycled in a seeded order
     rounds: int = 1
     iterations_per_round: int = 20
-    prompts_per_iteration: int = 32
+    prompts_per_iteration: int = 32  # across all ranks; divisible by the world size
     samples_per_prompt: int = 1
     ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per PPO epoch; train.micro_batch_size rollouts per micro-step
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
-    truncated: Literal["penalty", "drop"] = "penalty"  # responses that hit max_new_tokens
+    generation_batch_size: int = 64  # prompts per generate call
+    truncated: Literal["penalty", "drop"] = "penalty"  # responses that hit max_new_tokens: add the penalty, or train on none of their tokens
     truncation_penalty: float = -1.0
     kl_coef: float = 0.01
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -263,11 +298,16 @@ class PPOConfig:
     value_clip: float | None = None  # off in InternLM2
     whiten_advantages: bool = False
     reward_clip: float = 5.0
+    normalize_reward: bool = True  # running mean/std of the clipped score, over all ranks (xtuner)
     critic_lr: float = 5e-6
     critic_warmup_iterations: int = 50  # critic-only iterations before the actor moves
     ptx_coef: float = 0.5  # pretraining (SFT) loss on data.train
+    ptx_rows: int = 1  # packed data.train rows per rank per micro-step
     comparisons_dir: str | None = None  # slow path: externally labelled comparison JSONL files ingested between rounds
-    rm_update_steps: int = 0  # fast path: reward-model steps on early-vs-late comparisons between rounds
+    rm_update_steps: int = 0  # fast path: reward-model steps on early-vs-late comparisons (+ ingested ones) between rounds
+    rm_update_lr: float = 1e-5
+    rm_update_batch: int = 16  # pairs per reward-model step
+    detectors: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ class Checkpointer:
         found = self.complete()
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict) -> Path:
+    def save(self, step: int, state: dict, extra: Callable[[Path], None] | None = None) -> Path:
+        """`extra(directory)` runs on every rank before the rename, for files of the trainer's own (e.g. per-rank buffers)."""
         acc = self.accelerator
         final = self.root / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -44,6 +46,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
+        acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             if final.exists():

@@ -8,6 +8,8 @@ partitioned with ZeRO-3's eval config via TRL's `prepare_deepspeed`.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -111,6 +113,24 @@ def prepare_frozen(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn
 
         return prepare_deepspeed(model, accelerator)
     return model.to(accelerator.device)
+
+
+@contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Load a full replica even while a ZeRO-3 config is active (transformers would partition it at load time via `zero.Init`).
+
+    For models every rank keeps whole and uses outside DeepSpeed, e.g. the RLHF reward model, which the fast path trains locally.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:

@@ -62,3 +62,24 @@ def logprobs_of(model: torch.nn.Module, selected: torch.Tensor, targets: torch.T
         for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))
     ]
     return torch.cat(parts)
+
+
+def _chunk_logprobs_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    logz = torch.logsumexp(logits, dim=-1)
+    with torch.no_grad():  # entropy is logged, never trained on
+        entropy = logz - (logits.softmax(-1) * logits).sum(-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz, entropy
+
+
+def logprobs_and_entropy_of(model: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor,
+                            chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`logprobs_of` plus the (detached) entropy of each position's distribution, from the same logits."""
+    head = output_embeddings(model)
+    if selected.shape[0] <= chunk_tokens:
+        return _chunk_logprobs_entropy(head, selected, targets)
+    parts = [
+        checkpoint(_chunk_logprobs_entropy, head, h, t, use_reentrant=False)
+        for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -51,25 +51,35 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """PPO clipped surrogate, token mean; also the share of tokens where the clip was active."""
+def policy_loss_tokens(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                       clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-token PPO clipped surrogate max(−A·r, −A·clip(r)), and where the clip was active."""
     ratio = torch.exp(logprobs.float() - old_logprobs.float())
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-    return loss, clip_fraction.detach()
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float | None = None) -> torch.Tensor:  # fmt: skip
-    """0.5·(V − R)², token mean; with `clip`, the max of the clipped and unclipped errors (off in InternLM2)."""
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """PPO clipped surrogate, token mean; also the share of tokens where the clip was active."""
+    loss, clipped = policy_loss_tokens(logprobs, old_logprobs, advantages, clip)
+    return masked_mean(loss, mask), masked_mean(clipped, mask).detach()
+
+
+def value_loss_tokens(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """Per-token 0.5·(V − R)²; with `clip`, the max of the clipped and unclipped errors (off in InternLM2)."""
     error = (values.float() - returns) ** 2
     if clip is not None:
         clipped = old_values + (values.float() - old_values).clamp(-clip, clip)
         error = torch.maximum(error, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(error, mask)
+    return 0.5 * error
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None = None) -> torch.Tensor:  # fmt: skip
+    """0.5·(V − R)², token mean (see `value_loss_tokens`)."""
+    return masked_mean(value_loss_tokens(values, old_values, returns, clip), mask)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -83,3 +93,41 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of softmax(logits), in fp32."""
     logp = logits.float().log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+class RunningMoments:
+    """Running mean and std of a stream (Chan et al.'s parallel update), for reward normalisation.
+
+    Updated with every rank's batch at once (sum, sum of squares and count all-reduced by the caller),
+    so all ranks hold the same moments; `state_dict` carries them through checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, total: float, squares: float, count: float) -> None:
+        if count <= 0:
+            return
+        batch_mean = total / count
+        batch_var = max(squares / count - batch_mean**2, 0.0)
+        new_count = self.count + count
+        delta = batch_mean - self.mean
+        if self.count == 0:
+            self.mean, self.var = batch_mean, batch_var
+        else:
+            m2 = self.var * self.count + batch_var * count + delta**2 * self.count * count / new_count
+            self.mean, self.var = self.mean + delta * count / new_count, m2 / new_count
+        self.count = new_count
+
+    @property
+    def std(self) -> float:
+        return self.var**0.5
+
+    def normalize(self, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        return (x - self.mean) / max(self.std, eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

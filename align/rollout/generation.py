@@ -65,8 +65,11 @@ def full_weights(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[t
 
 
 class HFGenerator:
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, batch_size: int = 64,
+                 submodule: str | None = None):  # fmt: skip
+        """`submodule` names the generating part of a composite model (the actor of an actor-critic pair)."""
         self.model, self.tokenizer, self.accelerator, self.batch_size = model, tokenizer, accelerator, batch_size
+        self.submodule = submodule
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams, prefixes: list[str] | None = None) -> list[list[Generation]]:
@@ -76,6 +79,8 @@ class HFGenerator:
         model.eval()
         outputs: list[list[Generation]] = []
         with full_weights(model, self.accelerator) as unwrapped:
+            if self.submodule:
+                unwrapped = getattr(unwrapped, self.submodule)
             for i in range(0, len(prompts), self.batch_size):
                 chunk = [render_prompt(tok, messages) for messages in prompts[i : i + self.batch_size]]
                 if prefixes is not None:

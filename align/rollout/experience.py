@@ -1,0 +1,98 @@
+"""From scored rollouts to PPO experience: packed batches, per-token log-probs and values, advantages.
+
+Rollouts are packed several to a row (positions restart per document, so they never attend to each
+other) and the LM head runs only where a response token is predicted. Per-token tensors come back
+in the order of the rollouts given, one 1-D tensor per rollout, and are stored on the `Rollout`
+(step-level fields) until the update has used them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from align.losses.logprobs import hidden_states, logprobs_and_entropy_of, logprobs_of
+from align.losses.ppo import gae, kl_estimate, token_rewards
+from align.rollout.buffer import Rollout
+from data_builders.packing import collate_rows, pack_best_fit
+from data_builders.samples import Sample, TokenBatch
+from rewards.model import reward_head
+
+
+@dataclass
+class RolloutBatch:
+    tokens: TokenBatch  # packed rows; targets only where a response token is predicted
+    order: list[int]  # index (into the micro-batch's rollouts) of each document, in flattened target order
+    lengths: list[int]  # response tokens of each document, same order
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(self.tokens.to(device), self.order, self.lengths)
+
+    def per_rollout(self, flat: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Flat per-target values → one tensor per rollout, in the micro-batch's rollout order."""
+        out: list[torch.Tensor] = [torch.empty(0)] * count
+        for i, part in zip(self.order, flat.split(self.lengths), strict=True):
+            out[i] = part
+        return out
+
+    def flat(self, per_rollout: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The inverse of `per_rollout`: one rollout-ordered tensor each → the flattened target order."""
+        return torch.cat([per_rollout[i] for i in self.order])
+
+
+def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int, row_tokens: int) -> RolloutBatch:
+    """Pack prompt + response of each rollout, best fit into rows of `row_tokens` (a longer one gets its own row)."""
+    lengths = [r.num_tokens for r in rollouts]
+    rows = pack_best_fit(lengths, max(row_tokens, max(lengths)))
+    docs = [[Sample(list(rollouts[i].prompt_ids) + list(rollouts[i].response_ids),
+                    [0] * len(rollouts[i].prompt_ids) + [1] * len(rollouts[i].response_ids)) for i in row] for row in rows]  # fmt: skip
+    order = [i for row in rows for i in row]
+    return RolloutBatch(collate_rows(docs, pad_id), order, [len(rollouts[i].response_ids) for i in order])
+
+
+def actor_logprobs(model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat log π(response token) in target order (and the policy's entropy there)."""
+    tokens = batch.tokens
+    mask = tokens.targets != -100
+    hidden = hidden_states(model, tokens.input_ids, tokens.position_ids)[mask]
+    if with_entropy:
+        return logprobs_and_entropy_of(model, hidden, tokens.targets[mask])
+    return logprobs_of(model, hidden, tokens.targets[mask]), None
+
+
+def critic_values(model: torch.nn.Module, batch: RolloutBatch, critic: torch.nn.Module, **forward: object) -> torch.Tensor:
+    """Flat V(prompt + response[:t]) in target order: the value head on the hidden state that predicts token t."""
+    tokens = batch.tokens
+    out = model(input_ids=tokens.input_ids, position_ids=tokens.position_ids, use_cache=False, output_hidden_states=True, **forward)
+    hidden = out.hidden_states[-1][tokens.targets != -100]
+    return reward_head(critic)(hidden).squeeze(-1).float()
+
+
+def pad_tokens(values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D tensors → (n, longest) right-padded with 0, and the mask of real entries."""
+    longest = max((len(v) for v in values), default=0)
+    out = torch.zeros(len(values), longest)
+    mask = torch.zeros(len(values), longest)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = v.float()
+        mask[i, : len(v)] = 1
+    return out, mask
+
+
+def assign_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, kl_coef: float, estimator: str, gamma: float,
+                      lam: float) -> torch.Tensor:  # fmt: skip
+    """Token rewards (score at the last token − kl_coef·KL per token), GAE advantages and returns, written onto each rollout.
+
+    Returns each rollout's summed KL estimate.
+    """
+    logprobs, mask = pad_tokens([r.logprobs for r in rollouts])
+    ref, _ = pad_tokens([r.ref_logprobs for r in rollouts])
+    values, _ = pad_tokens([r.values for r in rollouts])
+    kl = kl_estimate(logprobs, ref, estimator) * mask
+    advantages, returns = gae(token_rewards(scores, kl, mask, kl_coef), values, mask, gamma, lam)
+    for i, r in enumerate(rollouts):
+        n = len(r.response_ids)
+        r.advantages, r.returns = advantages[i, :n].clone(), returns[i, :n].clone()
+    return kl.sum(-1)

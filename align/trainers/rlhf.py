@@ -1,0 +1,532 @@
+"""COOL RLHF (InternLM2 §4.2): conditional online PPO against the reward router, in rounds.
+
+Models: the actor (policy, from the SFT checkpoint) and the critic (the reward model's backbone and
+head) are one `ActorCritic` module, prepared once (one ZeRO-3 partitioning, one optimizer with a
+group per model); a frozen reference (ZeRO-3 eval partitioning); the conditional reward model, a
+frozen replica on every rank, behind the `RewardRouter`. Each prompt carries a condition whose
+system prompt reaches the reward model only: actor, critic and reference see the plain prompt.
+
+One iteration (all of it a pure function of (seed, iteration, rank), so a resumed run repeats it):
+  1. generate: this rank's prompts, `samples_per_prompt` each, with the actor's weights gathered once;
+  2. score: the router (RM with the condition prompt + verifiers) → clip → running normalisation;
+  3. experience: old log-probs, reference log-probs and values in packed forwards; token rewards
+     (score at the last token − kl_coef·KL), GAE advantages and returns;
+  4. train: `ppo_epochs` × `mini_batches` optimizer steps of clipped policy loss + value loss (+ PTX
+     NLL on `data.train`); only the value loss during the critic warm-up.
+Between rounds, the fast path flags reward hacking, turns the round's early-vs-late contradictions
+(plus slow-path rows dropped in `comparisons_dir`) into comparisons, and updates the reward model.
+
+Every rank holds the same number of rollouts and runs the same number of forwards, so ZeRO-3's
+collective gathers never wait on a rank that ran out of work; generation uses gathered weights, so
+ranks may produce different lengths. Checkpoints hold the accelerate state, the loop state, the
+rollout buffer (one file per rank) and the reward model once the fast path has changed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+
+from align.config import ModelConfig, RLHFRecipe, flat_dict
+from align.engine.accelerator import world_size_from_env
+from align.engine.checkpoint import Checkpointer
+from align.engine.core import Engine
+from align.engine.logger import RunLogger
+from align.engine.loop import Stepper
+from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen, without_zero3_init
+from align.evaluation import load_prompts
+from align.losses.logprobs import target_logprobs
+from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
+from align.rollout.buffer import RolloutBuffer
+from align.rollout.collect import collect_rollouts
+from align.rollout.detectors import detect_hacking, split_early_late
+from align.rollout.experience import actor_logprobs, assign_advantages, collate_rollouts, critic_values
+from align.rollout.generation import HFGenerator, SamplingParams
+from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
+from data_builders.bad_rows import BadRowPolicy
+from data_builders.packing import build_rows, collate_rows
+from data_builders.sft_data import build_samples
+from data_builders.synthetic import SyntheticTask
+from rewards.model import load_reward_model
+from rewards.router import RewardRouter
+from rewards.trainer import check_model_path
+from rewards.update import comparison_pairs, read_comparison_files, update_reward_model
+
+RM_FILE = "reward_model.safetensors"
+
+
+@dataclasses.dataclass
+class RLHFState:
+    iteration: int = 0
+    optimizer_steps: int = 0
+    reward_moments: dict[str, float] = dataclasses.field(default_factory=dict)
+    ingested: list[str] = dataclasses.field(default_factory=list)  # slow-path files already used
+    rounds: list[dict] = dataclasses.field(default_factory=list)  # what happened between rounds
+    before: dict[str, Any] = dataclasses.field(default_factory=dict)  # held-out eval of the starting policy
+    rm_updated: bool = False
+    last: dict[str, float] = dataclasses.field(default_factory=dict)  # the last iteration's metrics
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # generate / score / experience / train totals
+
+
+def _reward_stats(path: str) -> tuple[dict[str, str] | None, dict[str, dict[str, float]]]:
+    """Conditions and per-condition score stats stored beside a reward model by `align rm`."""
+    stats_file = Path(path) / "reward_stats.json"
+    if not stats_file.exists():
+        return None, {}
+    stored = json.loads(stats_file.read_text())
+    return stored.get("conditions"), stored.get("stats", {})
+
+
+class RLHFTrainer:
+    name = "rlhf"
+    recipe_type = RLHFRecipe
+
+    def __init__(self, recipe: RLHFRecipe):
+        ppo = recipe.ppo
+        world = world_size_from_env()
+        if ppo.prompts_per_iteration % world:
+            raise ValueError(f"ppo.prompts_per_iteration {ppo.prompts_per_iteration} must be divisible by the {world} processes")
+        per_iteration = ppo.prompts_per_iteration * ppo.samples_per_prompt
+        if per_iteration % ppo.mini_batches:
+            raise ValueError(f"{per_iteration} rollouts per iteration do not split into ppo.mini_batches={ppo.mini_batches}")
+        # one optimizer step = one mini-batch of rollouts; DeepSpeed's batch config follows from it
+        recipe.train.global_batch_size, recipe.train.gradient_accumulation_steps = per_iteration // ppo.mini_batches, None
+        self.recipe, self.ppo = recipe, ppo
+        self.engine = Engine.create(recipe)
+        self.state = RLHFState()
+        self.moments = RunningMoments()
+
+    # --- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        recipe, ppo, engine = self.recipe, self.ppo, self.engine
+        check_model_path(recipe.model.name_or_path)
+        if not Path(ppo.reward_model).exists() and ppo.reward_model.startswith(("runs/", "./", "/")):
+            raise FileNotFoundError(f"ppo.reward_model {ppo.reward_model!r} does not exist. Make it with "
+                                    "`align rm --config configs/rm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`).")  # fmt: skip
+        self.tokenizer = tok = load_tokenizer(recipe.model)
+        actor = load_causal_lm(recipe.model, tok, torch.float32, seed=recipe.train.seed)
+        rm_cfg = ModelConfig(name_or_path=ppo.reward_model, trust_remote_code=recipe.model.trust_remote_code,
+                             attn_implementation=recipe.model.attn_implementation)  # fmt: skip
+        critic = load_reward_model(rm_cfg, tok, torch.float32, seed=recipe.train.seed)
+        if critic.config.vocab_size != actor.config.vocab_size:
+            raise ValueError(f"ppo.reward_model has vocabulary {critic.config.vocab_size}, the policy {actor.config.vocab_size}: "
+                             "the critic starts from the reward model, so they must share a tokenizer")  # fmt: skip
+        reference_cfg = dataclasses.replace(recipe.model, gradient_checkpointing=False, lora=dataclasses.replace(recipe.model.lora, enabled=False))
+        self.reference = prepare_frozen(load_causal_lm(reference_cfg, tok, engine.dtype, seed=recipe.train.seed), engine.accelerator)
+        with without_zero3_init():  # a whole replica per rank: scoring needs no collectives and the fast path trains it locally
+            self.reward_model = load_reward_model(rm_cfg, tok, engine.dtype).to(engine.device).eval().requires_grad_(False)
+        stored_conditions, stats = _reward_stats(ppo.reward_model)
+        self.conditions = recipe.reward.conditions
+        if stored_conditions and stored_conditions != self.conditions:
+            raise ValueError(f"reward.conditions differ from the prompts {ppo.reward_model} was trained with "
+                             f"({sorted(stored_conditions)}); the reward model must see the same condition prompts")  # fmt: skip
+        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, stats)
+
+        self.prompts = load_prompts(ppo.prompts_path, recipe.data.synthetic, ppo.num_prompts, split="train")
+        self.eval_problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts) if recipe.eval.enabled else []
+        self.ptx_samples, self.ptx_rows = [], []
+        if ppo.ptx_coef > 0 and recipe.data.train:
+            policy = BadRowPolicy(recipe.data.on_bad_row)
+            self.ptx_samples, _ = build_samples(recipe.data.train, recipe.data, tok, policy, "train")
+            self.ptx_rows = build_rows(self.ptx_samples, recipe.data.max_length, recipe.data.packing)
+
+        model = ActorCritic(actor, critic)
+        self.total_iterations = ppo.rounds * ppo.iterations_per_round
+        steps_per_iteration = ppo.ppo_epochs * ppo.mini_batches
+        optimizer = build_actor_critic_optimizer(model, recipe.optim, ppo.critic_lr)
+        scheduler = build_actor_critic_scheduler(optimizer, recipe.optim, self.total_iterations * steps_per_iteration,
+                                                 ppo.critic_warmup_iterations * steps_per_iteration)  # fmt: skip
+        self.model, optimizer, scheduler = engine.accelerator.prepare(model, optimizer, scheduler)
+        self.critic = engine.accelerator.unwrap_model(self.model).critic
+        self.stepper = Stepper(engine, self.model, optimizer, scheduler, recipe.optim.max_grad_norm)
+        self.scheduler = scheduler
+        self.scale = engine.shape.gradient_accumulation_steps * engine.world_size if engine.deepspeed else engine.world_size
+        self.buffer = RolloutBuffer()
+        self.checkpointer = Checkpointer(engine.accelerator, engine.run_dir / "checkpoints", recipe.train.keep_last)
+
+    # --- one iteration ------------------------------------------------------------------------
+    def iteration_prompts(self, iteration: int) -> list[dict]:
+        """This rank's prompts: the next slice of a seeded permutation of the pool (a new one per pass)."""
+        per, pool = self.ppo.prompts_per_iteration, len(self.prompts)
+        picked = []
+        for k in range(iteration * per, (iteration + 1) * per):
+            epoch, index = divmod(k, pool)
+            order = torch.randperm(pool, generator=torch.Generator().manual_seed(self.recipe.train.seed * 7919 + epoch)).tolist()
+            picked.append(self.prompts[order[index]])
+        mine = per // self.engine.world_size
+        return picked[self.engine.rank * mine : (self.engine.rank + 1) * mine]
+
+    def generator(self) -> HFGenerator:
+        return HFGenerator(self.model, self.tokenizer, self.engine.accelerator, self.ppo.generation_batch_size, submodule="actor")
+
+    def _seed(self, iteration: int, salt: int = 0) -> int:
+        return self.recipe.train.seed * 1_000_003 + iteration * 1009 + salt * 101 + self.engine.rank
+
+    def _trained(self, rollout) -> bool:
+        return not (rollout.truncated and self.ppo.truncated == "drop")
+
+    def run_iteration(self, iteration: int) -> dict[str, float]:
+        ppo, engine = self.ppo, self.engine
+        timings = {}
+        start = time.perf_counter()
+        torch.manual_seed(self._seed(iteration))
+        params = SamplingParams(ppo.max_new_tokens, ppo.samples_per_prompt, ppo.temperature, ppo.top_p)
+        problems = self.iteration_prompts(iteration)
+        generations = self.generator().generate([p["messages"] for p in problems], params)
+        timings["generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        round_index = iteration // ppo.iterations_per_round
+        rollouts = collect_rollouts(_Replay(generations), self.router, problems, params, round_index, iteration)
+        raw = torch.tensor([r.reward for r in rollouts])
+        scores = raw.clamp(-ppo.reward_clip, ppo.reward_clip)
+        truncated = torch.tensor([r.truncated for r in rollouts])
+        if ppo.truncated == "penalty":
+            scores = scores + truncated.float() * ppo.truncation_penalty
+        trained = torch.tensor([self._trained(r) for r in rollouts])
+        if ppo.normalize_reward:
+            kept = scores[trained].double()
+            sums = torch.stack([kept.sum(), (kept**2).sum(), torch.tensor(float(kept.numel()), dtype=torch.float64)])
+            sums = engine.accelerator.reduce(sums.to(engine.device), "sum").cpu() if engine.world_size > 1 else sums
+            self.moments.update(*sums.tolist())
+            scores = self.moments.normalize(scores)
+        timings["score"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.compute_experience(rollouts)
+        kl = assign_advantages(rollouts, scores, ppo.kl_coef, ppo.kl_estimator, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            RolloutBuffer([r for r in rollouts if self._trained(r)]).normalize_advantages(engine.accelerator)
+        timings["experience"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        actor_on = iteration >= ppo.critic_warmup_iterations
+        losses = self.train_on(rollouts, iteration, actor_on)
+        timings["train"] = time.perf_counter() - start
+
+        self.buffer.add(rollouts)
+        for r in self.buffer.rollouts:  # step-level fields are spent once the update has used them
+            if r.policy_version < iteration:
+                r.logprobs = r.ref_logprobs = r.values = r.advantages = r.returns = None
+        return self.iteration_metrics(rollouts, raw, kl, trained, losses, timings, actor_on)
+
+    @torch.no_grad()
+    def compute_experience(self, rollouts: list) -> None:
+        """Old log-probs, reference log-probs and values, in the same micro-batches on every rank."""
+        model, engine = self.model, self.engine
+        model.eval()
+        micro = self.recipe.train.micro_batch_size
+        row_tokens = self._row_tokens()
+        for start in range(0, len(rollouts), micro):
+            part = rollouts[start : start + micro]
+            batch = collate_rollouts(part, self.tokenizer.pad_token_id, row_tokens).to(engine.device)
+            logprobs, _ = actor_logprobs(model, batch)
+            reference, _ = actor_logprobs(self.reference, batch)
+            values = critic_values(model, batch, self.critic, role="critic")
+            for name, flat in (("logprobs", logprobs), ("ref_logprobs", reference), ("values", values)):
+                for r, value in zip(part, batch.per_rollout(flat.float().cpu(), len(part)), strict=True):
+                    setattr(r, name, value)
+        model.train()
+
+    def _row_tokens(self) -> int:
+        return max(self.recipe.data.max_length, 2 * self.ppo.max_new_tokens)
+
+    def _ptx_batch(self, draw: int):
+        """The PTX rows of one rank's micro-step: a seeded walk over the packed `data.train` rows."""
+        n, k = len(self.ptx_rows), self.ppo.ptx_rows
+        ids = []
+        for j in range(draw * k, (draw + 1) * k):
+            epoch, index = divmod(j, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.train.seed * 104_729 + epoch)).tolist()
+            ids.append(order[index])
+        return collate_rows([[self.ptx_samples[i] for i in self.ptx_rows[r]] for r in ids], self.tokenizer.pad_token_id)
+
+    def train_on(self, rollouts: list, iteration: int, actor_on: bool) -> dict[str, float]:
+        """`ppo_epochs` × `mini_batches` optimizer steps over this iteration's rollouts; exact token means over all ranks."""
+        ppo, engine, acc = self.ppo, self.engine, self.engine.accelerator
+        micro = self.recipe.train.micro_batch_size
+        use_ptx = actor_on and bool(self.ptx_rows)
+        sums: dict[str, float] = defaultdict(float)
+        values_seen, returns_seen = [], []
+        for epoch in range(ppo.ppo_epochs):
+            order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self._seed(iteration, 1 + epoch))).tolist()
+            size = len(order) // ppo.mini_batches
+            for m in range(ppo.mini_batches):
+                chosen = [rollouts[i] for i in order[m * size : (m + 1) * size]]
+                micro_batches = [chosen[g : g + micro] for g in range(0, len(chosen), micro)]
+                draws = [(self.state.optimizer_steps * len(micro_batches) + g) * engine.world_size + engine.rank for g in range(len(micro_batches))]
+                ptx_batches = [self._ptx_batch(d) for d in draws] if use_ptx else []
+                local = torch.tensor([float(sum(len(r.response_ids) for r in chosen if self._trained(r))),
+                                      float(sum(float(b.weights.sum()) for b in ptx_batches))])  # fmt: skip
+                total_tokens, total_ptx = (acc.reduce(local.to(engine.device), "sum").cpu() if engine.world_size > 1 else local).tolist()
+                for g, part in enumerate(micro_batches):
+                    loss, stats = self.micro_loss(part, ptx_batches[g] if use_ptx else None, max(total_tokens, 1.0), max(total_ptx, 1.0), actor_on)
+                    self.stepper.backward(loss * self.scale, g == len(micro_batches) - 1)
+                    for key, value in stats.items():
+                        if key in ("values", "returns"):
+                            (values_seen if key == "values" else returns_seen).append(value)
+                        else:
+                            sums[key] += value
+                applied, norm = self.stepper.finish(True)
+                self.state.optimizer_steps += 1
+                sums["grad_norm"] += norm or 0.0
+                sums["steps"] += 1
+        tokens = max(sums.pop("tokens", 0.0), 1.0)
+        out = {k: sums[k] / tokens for k in ("policy_loss", "value_loss", "clip_fraction", "entropy") if k in sums}
+        if "ptx_nll" in sums:
+            out["ptx_loss"] = sums["ptx_nll"] / max(sums["ptx_tokens"], 1.0)
+        out["grad_norm"] = sums["grad_norm"] / max(sums["steps"], 1.0)
+        if values_seen:
+            v, r = torch.cat(values_seen), torch.cat(returns_seen)
+            out["explained_variance"] = explained_variance(v, r, torch.ones_like(v))
+        return out
+
+    def micro_loss(self, part: list, ptx_batch, total_tokens: float, total_ptx: float, actor_on: bool) -> tuple[torch.Tensor, dict]:
+        ppo, engine = self.ppo, self.engine
+        batch = collate_rollouts(part, self.tokenizer.pad_token_id, self._row_tokens()).to(engine.device)
+        weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r))) for r in part]).to(engine.device)
+        returns = batch.flat([r.returns for r in part]).to(engine.device)
+        old_values = batch.flat([r.values for r in part]).to(engine.device)
+        values = critic_values(self.model, batch, self.critic, role="critic")
+        value_sum = (value_loss_tokens(values, old_values, returns, ppo.value_clip) * weight).sum()
+        loss = value_sum / total_tokens
+        stats = {"value_loss": float(value_sum.detach()),
+                 "tokens": float(weight.sum()), "values": values.detach().cpu()[weight.cpu() > 0], "returns": returns.cpu()[weight.cpu() > 0]}  # fmt: skip
+        if actor_on:
+            logprobs, entropy = actor_logprobs(self.model, batch, with_entropy=True)
+            old = batch.flat([r.logprobs for r in part]).to(engine.device)
+            advantages = batch.flat([r.advantages for r in part]).to(engine.device)
+            per_token, clipped = policy_loss_tokens(logprobs, old, advantages, ppo.clip)
+            loss = loss + (per_token * weight).sum() / total_tokens
+            stats |= {"policy_loss": float((per_token.detach() * weight).sum()), "clip_fraction": float((clipped * weight).sum()),
+                      "entropy": float((entropy * weight).sum())}  # fmt: skip
+        if ptx_batch is not None:
+            ptx_batch = ptx_batch.to(engine.device)
+            logprobs, mask = target_logprobs(self.model, ptx_batch)
+            nll = -(logprobs * ptx_batch.weights[mask]).sum()
+            loss = loss + ppo.ptx_coef * nll / total_ptx
+            stats |= {"ptx_nll": float(nll.detach()), "ptx_tokens": float(ptx_batch.weights[mask].sum())}
+        return loss, stats
+
+    def iteration_metrics(self, rollouts: list, raw: torch.Tensor, kl: torch.Tensor, trained: torch.Tensor, losses: dict,
+                          timings: dict, actor_on: bool) -> dict[str, float]:  # fmt: skip
+        """Reward per condition, verifier accuracy, KL, length, truncated share, losses and the time split, over all ranks."""
+        records = [(r.condition or "default", float(raw[i]), r.correct, len(r.response_ids), r.truncated, float(kl[i])) for i, r in enumerate(rollouts)]
+        records = gather_object(records) if self.engine.world_size > 1 else records
+        by: dict[str, list[float]] = defaultdict(list)
+        for condition, reward, *_ in records:
+            by[condition].append(reward)
+        judged = [c for _, _, c, *_ in records if c is not None]
+        n = len(records)
+        metrics = {
+            "reward": sum(r[1] for r in records) / n,
+            "verifier_accuracy": sum(judged) / len(judged) if judged else float("nan"),
+            "kl": sum(r[5] for r in records) / n,
+            "response_length": sum(r[3] for r in records) / n,
+            "truncated_share": sum(r[4] for r in records) / n,
+            "actor_trained": float(actor_on),
+            "reward_mean_running": self.moments.mean,
+            "reward_std_running": self.moments.std,
+            **{f"reward/{c}": sum(v) / len(v) for c, v in sorted(by.items())},
+            **losses,
+            **{f"time/{k}": v for k, v in timings.items()},
+        }
+        lrs = self.scheduler.get_last_lr()
+        groups = self.stepper.optimizer.param_groups if hasattr(self.stepper.optimizer, "param_groups") else []
+        for g, lr in zip(groups, lrs):
+            metrics[f"lr/{g.get('role', 'model')}"] = lr
+        return metrics
+
+    # --- between rounds -----------------------------------------------------------------------
+    def between_rounds(self, round_index: int) -> dict[str, Any]:
+        """Fast path (detectors → early-vs-late comparisons) and slow path (new comparison files) → a short RM update."""
+        ppo, engine = self.ppo, self.engine
+        episodes = [r.episode_fields() for r in self.buffer.rollouts if r.round == round_index]
+        episodes = gather_object(episodes) if engine.world_size > 1 else episodes
+        from align.rollout.buffer import Rollout
+
+        this_round = [Rollout(**e) for e in episodes]
+        early, late = split_early_late(this_round)
+        report = {"round": round_index, **detect_hacking(early, late, ppo.detectors)}
+        fast_rows = RolloutBuffer().comparisons(early, late)
+        policy = BadRowPolicy(self.recipe.data.on_bad_row)
+        pairs = comparison_pairs(fast_rows, self.tokenizer, self.conditions, f"round-{round_index}/fast-path", policy, self.recipe.data.max_length)
+        slow = 0
+        if ppo.comparisons_dir and Path(ppo.comparisons_dir).exists():
+            for path, rows in read_comparison_files(ppo.comparisons_dir, set(self.state.ingested)):
+                found = comparison_pairs(rows, self.tokenizer, self.conditions, path, policy, self.recipe.data.max_length)
+                pairs += found
+                slow += len(found)
+                self.state.ingested.append(path)
+        report |= {"fast_path_pairs": len(fast_rows), "slow_path_pairs": slow, "quarantined": policy.count}
+        if engine.is_main and policy.count:
+            policy.write(engine.run_dir / f"quarantine-round-{round_index}.jsonl")
+        if pairs and ppo.rm_update_steps > 0:
+            report["rm_update"] = update_reward_model(self.reward_model, pairs, self.tokenizer.pad_token_id, self.recipe.reward,
+                                                      ppo.rm_update_steps, ppo.rm_update_lr, ppo.rm_update_batch,
+                                                      self.recipe.train.seed + round_index)  # fmt: skip
+            self.state.rm_updated = True
+        return report
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy answers to the held-out prompts: mean reward (the router), task accuracy, per condition; plus the texts."""
+        engine = self.engine
+        mine = self.eval_problems[engine.rank :: engine.world_size]
+        params = SamplingParams(self.recipe.eval.max_new_tokens, 1, 0.0)
+        generator = HFGenerator(self.model, self.tokenizer, engine.accelerator, self.recipe.eval.batch_size, submodule="actor")
+        rollouts = collect_rollouts(generator, self.router, mine, params)
+        texts = [(engine.rank + engine.world_size * i, r.response) for i, r in enumerate(rollouts)]
+        texts = gather_object(texts) if engine.world_size > 1 else texts
+        return self.score_texts(sorted(texts))
+
+    @torch.no_grad()
+    def score_texts(self, texts: list[tuple[int, str]]) -> dict[str, Any]:
+        """Router reward and task accuracy of (problem index, response) pairs, sharded over ranks and gathered."""
+        engine = self.engine
+        mine = texts[engine.rank :: engine.world_size]
+        samples = [{**self.eval_problems[i], "prompt": self.eval_problems[i]["messages"], "response": t,
+                    "condition": self.eval_problems[i].get("condition") or "default"} for i, t in mine]  # fmt: skip
+        rewards = self.router.score(samples).scores.tolist() if samples else []
+        records = [(s["condition"], reward, SyntheticTask.score(s, s["response"])) for s, reward in zip(samples, rewards)]
+        records = gather_object(records) if engine.world_size > 1 else records
+        by: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for condition, reward, score in records:
+            by[condition].append((reward, score))
+        n = max(1, len(records))
+        return {
+            "reward": sum(r for _, r, _ in records) / n,
+            "accuracy": sum(s for _, _, s in records) / n,
+            "reward_by_condition": {c: sum(r for r, _ in v) / len(v) for c, v in sorted(by.items())},
+            "accuracy_by_condition": {c: sum(s for _, s in v) / len(v) for c, v in sorted(by.items())},
+            "texts": texts,
+        }
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save(self, iteration: int) -> None:
+        engine = self.engine
+
+        def extra(directory: Path) -> None:
+            self.buffer.save(directory, f"rollouts-rank{engine.rank}")
+            if engine.is_main and self.state.rm_updated:
+                save_file({k: v.contiguous() for k, v in self.reward_model.state_dict().items()}, str(directory / RM_FILE))
+
+        self.state.reward_moments = self.moments.state_dict()
+        self.checkpointer.save(iteration, {"rlhf": dataclasses.asdict(self.state)}, extra)
+
+    def resume(self) -> bool:
+        self.checkpointer.clean_partial()
+        latest = self.checkpointer.latest() if self.recipe.train.resume else None
+        if latest is None:
+            return False
+        saved = self.checkpointer.load(latest)
+        self.state = RLHFState(**saved["rlhf"])
+        if self.state.reward_moments:
+            self.moments.load_state_dict(self.state.reward_moments)
+        self.buffer = RolloutBuffer.load(latest, f"rollouts-rank{self.engine.rank}")
+        if self.state.rm_updated:
+            self.reward_model.load_state_dict(load_file(str(latest / RM_FILE)))
+        if self.engine.is_main:
+            print(f"resumed from {latest} at iteration {self.state.iteration}", flush=True)
+        return True
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        recipe, ppo, engine = self.recipe, self.ppo, self.engine
+        self.setup()
+        self.resume()
+        if recipe.eval.enabled and not self.state.before:
+            self.state.before = self.evaluate()
+        logger = RunLogger(recipe.logging, engine.run_dir, flat_dict(recipe), self.total_iterations, engine.is_main, self.name)
+        logger.set_progress(self.state.iteration)
+        save_every = recipe.train.save_every
+        while self.state.iteration < self.total_iterations:
+            t = self.state.iteration
+            metrics = self.run_iteration(t)
+            for key in ("generate", "score", "experience", "train"):
+                self.state.seconds[key] = self.state.seconds.get(key, 0.0) + metrics[f"time/{key}"]
+            self.state.last = metrics
+            self.state.iteration = t + 1
+            round_end = self.state.iteration % ppo.iterations_per_round == 0 and self.state.iteration < self.total_iterations
+            if round_end:
+                report = self.between_rounds(t // ppo.iterations_per_round)
+                self.state.rounds.append(report)
+                metrics |= {"round/flags": len(report["flags"]), "round/comparisons": report["fast_path_pairs"] + report["slow_path_pairs"]}
+            logger.log(self.state.iteration, metrics, advance=1)
+            if save_every and self.state.iteration % save_every == 0 and self.state.iteration < self.total_iterations:
+                self.save(self.state.iteration)
+        return self.finish(logger, started)
+
+    def finish(self, logger: RunLogger, started: float) -> dict[str, Any]:
+        recipe, engine = self.recipe, self.engine
+        paths = export_actor_critic(engine.accelerator, self.model, self.tokenizer, engine.run_dir)
+        if self.state.rm_updated and engine.is_main:
+            self.reward_model.save_pretrained(engine.run_dir / "reward_model", safe_serialization=True)
+            self.tokenizer.save_pretrained(engine.run_dir / "reward_model")
+        self.buffer.save(engine.run_dir, f"rollouts-rank{engine.rank}")
+        last = self.state.last
+        metrics: dict[str, Any] = {"kl": last.get("kl", float("nan")), "train_reward_last": last.get("reward"),
+                                   "train_verifier_accuracy_last": last.get("verifier_accuracy")}  # fmt: skip
+        samples = None
+        if recipe.eval.enabled:
+            after = self.evaluate()
+            before = self.score_texts(self.state.before["texts"])  # re-scored by the final router: one scale for both
+            metrics |= {
+                "reward_before": before["reward"], "reward_after": after["reward"],
+                "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "accuracy": after["accuracy"],
+                "reward_by_condition_before": before["reward_by_condition"], "reward_by_condition_after": after["reward_by_condition"],
+                "accuracy_by_condition_before": before["accuracy_by_condition"], "accuracy_by_condition": after["accuracy_by_condition"],
+            }  # fmt: skip
+            samples = [{"problem": self.eval_problems[i]["messages"][-1]["content"], "response": t} for i, t in after["texts"][:6]]
+        summary = {
+            "job": self.name,
+            "metrics": metrics,
+            "iterations": self.state.iteration,
+            "optimizer_steps": self.state.optimizer_steps,
+            "rounds": self.state.rounds,
+            "time_split_s": {k: round(v, 2) for k, v in self.state.seconds.items()},
+            "wall_s": round(time.perf_counter() - started, 2),
+            "world_size": engine.world_size,
+            "deepspeed": engine.deepspeed,
+            "model_path": str(paths["actor"].resolve()),
+            "critic_path": str(paths["critic"].resolve()),
+            "data": {"prompts": len(self.prompts), "ptx_rows": len(self.ptx_rows), "eval_prompts": len(self.eval_problems)},
+            "steps": self.state.optimizer_steps,
+            "tokens": 0,
+        }
+        if samples is not None:
+            summary["eval_samples"] = samples
+        logger.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        logger.close()
+        if engine.is_main:
+            tmp = engine.run_dir / "summary.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+            tmp.replace(engine.run_dir / "summary.json")
+        engine.accelerator.wait_for_everyone()
+        engine.accelerator.end_training()
+        return summary
+
+
+class _Replay:
+    """A generator that hands back generations already made (so generation and scoring are timed apart)."""
+
+    def __init__(self, generations: list):
+        self.generations = generations
+
+    def generate(self, prompts: list, params: SamplingParams, prefixes: list[str] | None = None) -> list:
+        return self.generations
+
+
+def run_rlhf(recipe: RLHFRecipe) -> dict[str, Any]:
+    return RLHFTrainer(recipe).run()
+

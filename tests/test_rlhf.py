@@ -1,0 +1,262 @@
+"""`align rlhf` (COOL RLHF): condition isolation, experience parity, reward normalisation, the fast and slow paths,
+SIGKILL resume, and 2-rank ZeRO-3 with different response lengths per rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ALIGN, ROOT, run_env
+
+QUICKSTART = str(ROOT / "configs" / "rlhf" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="session")
+def rm_checkpoint(sft_checkpoint, tmp_path_factory) -> Path:
+    """A tiny conditional RM started from the tiny SFT model, with a seeded non-zero head and stored stats."""
+    from align.config import ModelConfig
+    from align.engine.models import load_tokenizer
+    from rewards.conditions import DEFAULT_CONDITIONS
+    from rewards.model import load_reward_model, reward_head
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    cfg = ModelConfig(name_or_path=str(sft_checkpoint))
+    tok = load_tokenizer(cfg)
+    model = load_reward_model(cfg, tok)
+    with torch.no_grad():
+        reward_head(model).weight.copy_(torch.randn(reward_head(model).weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    stats = {c: {"mean": 0.0, "std": 1.0} for c in ("math", "concise", "harmless")}
+    (out / "reward_stats.json").write_text(json.dumps({"conditions": dict(DEFAULT_CONDITIONS), "stats": stats}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stopping_policy(sft_checkpoint, tmp_path_factory) -> Path:
+    """The tiny SFT model with its end-of-turn logit raised to ≈ 5.5 everywhere: it stops after a random number of tokens
+    (about one in seven per step), so ranks sampling different prompts finish at different lengths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("stopping") / "model"
+    model = AutoModelForCausalLM.from_pretrained(sft_checkpoint)
+    tok = AutoTokenizer.from_pretrained(sft_checkpoint)
+    with torch.no_grad():
+        ids = tok("What is 12+30? Final Answer: 42", return_tensors="pt")["input_ids"]
+        mean = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+        model.get_output_embeddings().weight[tok.eos_token_id] = 5.5 * mean / mean.pow(2).sum()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def rlhf_overrides(out: Path, sft: Path, rm: Path, **extra: object) -> list[str]:
+    base = {"output_dir": str(out), "model.name_or_path": str(sft), "ppo.reward_model": str(rm), "ppo.rounds": 2,
+            "ppo.iterations_per_round": 2, "ppo.prompts_per_iteration": 4, "ppo.samples_per_prompt": 2, "ppo.max_new_tokens": 8,
+            "ppo.num_prompts": 40, "ppo.critic_warmup_iterations": 1, "ppo.rm_update_steps": 2, "ppo.mini_batches": 2,
+            "train.micro_batch_size": 2, "data.synthetic.train_rows": 48, "data.max_length": 128, "eval.num_prompts": 6,
+            "eval.max_new_tokens": 8, "logging.progress": False, "logging.wandb": False, "optim.lr": 1e-3}  # fmt: skip
+    base.update(extra)
+    return [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+
+
+def align_rlhf(tmp_path: Path, args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run((launcher or ALIGN) + ["rlhf", "--config", QUICKSTART] + args, cwd=ROOT, env=run_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def in_process_trainer(tmp_path: Path, sft: Path, rm: Path, **extra: object):
+    from align.config import RLHFRecipe, load_recipe
+    from align.trainers.rlhf import RLHFTrainer
+
+    args = rlhf_overrides(tmp_path / "run", sft, rm, **extra)
+    trainer = RLHFTrainer(load_recipe(RLHFRecipe, QUICKSTART, args[1::2]))
+    trainer.setup()
+    return trainer
+
+
+def test_condition_prompt_reaches_the_reward_model_only(tmp_path, sft_checkpoint, rm_checkpoint):
+    """COOL RLHF: the condition's system prompt is in every reward-model input and in no actor, critic or reference input."""
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, rm_checkpoint, **{"ppo.ptx_coef": 0})
+    seen: dict[str, list[torch.Tensor]] = {"actor": [], "critic": [], "reference": [], "reward": []}
+    inner = trainer.engine.accelerator.unwrap_model(trainer.model)
+    modules = {"actor": inner.actor, "critic": inner.critic, "reference": trainer.reference, "reward": trainer.reward_model}
+    hooks = [m.get_input_embeddings().register_forward_hook(lambda _m, args, _o, k=k: seen[k].append(args[0].detach().cpu()))
+             for k, m in modules.items()]  # fmt: skip
+    trainer.run_iteration(trainer.ppo.critic_warmup_iterations)  # an iteration that trains actor and critic
+    for h in hooks:
+        h.remove()
+    tok = trainer.tokenizer
+    texts = {k: [tok.decode(row) for batch in v for row in batch] for k, v in seen.items()}
+    conditions = trainer.conditions
+    assert all(texts[k] for k in texts), {k: len(v) for k, v in texts.items()}
+    for k in ("actor", "critic", "reference"):
+        assert not any(prompt in t for t in texts[k] for prompt in conditions.values()), k
+    # the reward model scored every sample with its own condition's prompt
+    scored = sum(t.count(prompt) for t in texts["reward"] for prompt in conditions.values())
+    assert scored == trainer.ppo.prompts_per_iteration * trainer.ppo.samples_per_prompt
+
+
+def test_packed_experience_equals_separate_forwards(tmp_path, sft_checkpoint, rm_checkpoint):
+    """Packed log-probs and values of several rollouts equal one plain forward per rollout."""
+    from align.rollout.experience import actor_logprobs, collate_rollouts, critic_values
+
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, rm_checkpoint)
+    from align.rollout.collect import collect_rollouts
+    from align.rollout.generation import SamplingParams
+
+    params = SamplingParams(8, 2, 1.0)
+    torch.manual_seed(0)
+    rollouts = collect_rollouts(trainer.generator(), trainer.router, trainer.iteration_prompts(0), params)
+    inner = trainer.engine.accelerator.unwrap_model(trainer.model)
+    pad = trainer.tokenizer.pad_token_id
+    with torch.no_grad():
+        packed = collate_rollouts(rollouts, pad, 512)
+        assert len(packed.tokens.input_ids) < len(rollouts)  # really packed
+        lp = packed.per_rollout(actor_logprobs(inner, packed)[0], len(rollouts))
+        values = packed.per_rollout(critic_values(inner, packed, inner.critic, role="critic"), len(rollouts))
+        for i, r in enumerate(rollouts):
+            alone = collate_rollouts([r], pad, 1)
+            torch.testing.assert_close(lp[i], actor_logprobs(inner, alone)[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(values[i], critic_values(inner, alone, inner.critic, role="critic"), atol=2e-5, rtol=1e-4)
+            full = torch.tensor([r.prompt_ids + r.response_ids])
+            logits = inner.actor(input_ids=full).logits[0, len(r.prompt_ids) - 1 : -1].log_softmax(-1)
+            torch.testing.assert_close(lp[i], logits.gather(-1, torch.tensor(r.response_ids)[:, None])[:, 0], atol=2e-5, rtol=1e-4)
+
+
+def test_running_moments_match_the_whole_stream():
+    from align.losses.ppo import RunningMoments
+
+    stream = [torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64) * n + n for n in (5, 17, 3, 40)]
+    moments = RunningMoments()
+    for x in stream:
+        moments.update(float(x.sum()), float((x**2).sum()), float(len(x)))
+    flat = torch.cat(stream).double()
+    assert moments.mean == pytest.approx(float(flat.mean()), rel=1e-9)
+    assert moments.std == pytest.approx(float(flat.std(unbiased=False)), rel=1e-6)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.normalize(torch.tensor([flat.mean().item()])).abs().item() < 1e-6
+
+
+def test_detectors_flag_reward_hacking_and_blowups():
+    from align.config import DetectorConfig
+    from align.rollout.buffer import Rollout
+    from align.rollout.detectors import detect_hacking, is_repetitive, split_early_late
+
+    def r(version, reward, correct, length, text="Final Answer: 3"):
+        return Rollout([1], [2] * length, [], text, "p", version, policy_version=version, reward=reward, correct=correct)
+
+    early = [r(0, 0.0, True, 10), r(1, 0.1, True, 10)]
+    late = [r(2, 1.0, False, 30, "so so so so so so so"), r(3, 1.2, False, 30, "so so so so so so so")]
+    split = split_early_late(early + late)
+    assert [x.policy_version for x in split[0]] == [0, 1] and [x.policy_version for x in split[1]] == [2, 3]
+    report = detect_hacking(early, late, DetectorConfig())
+    assert set(report["flags"]) == {"reward_up_accuracy_down", "length_blowup", "repetition"}
+    assert report["late"]["accuracy"] == 0.0 and report["early"]["length"] == 10
+    assert detect_hacking(early, early, DetectorConfig())["flags"] == []
+    assert is_repetitive("a b c a b c a b c") and not is_repetitive("7+5=12, 4+8+1=13. Final Answer: 132")
+
+
+def test_slow_path_rows_are_checked_and_the_rm_update_fixes_them(tmp_path, sft_checkpoint, rm_checkpoint, tokenizer):
+    from align.config import ModelConfig, RewardConfig
+    from data_builders.bad_rows import BadRowError, BadRowPolicy
+    from rewards.conditions import DEFAULT_CONDITIONS
+    from rewards.model import load_reward_model
+    from rewards.update import comparison_pairs, pairwise_accuracy, read_comparison_files, update_reward_model
+
+    folder = tmp_path / "comparisons"
+    folder.mkdir()
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "chosen": f"Final Answer: {i + 1}",
+             "rejected": f"Final Answer: {i + 7}", "condition": "math"} for i in range(12)]  # fmt: skip
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
+    (folder / "b.jsonl").write_text(json.dumps({**rows[0], "condition": "poetry"}))
+    found = read_comparison_files(folder, set())
+    assert [Path(p).name for p, _ in found] == ["a.jsonl", "b.jsonl"]
+    assert read_comparison_files(folder, {p for p, _ in found}) == []
+    with pytest.raises(BadRowError, match=r"b\.jsonl: row 0: field 'condition'"):
+        comparison_pairs(found[1][1], tokenizer, DEFAULT_CONDITIONS, found[1][0], BadRowPolicy("error"), 256)
+    pairs = comparison_pairs(found[0][1], tokenizer, DEFAULT_CONDITIONS, found[0][0], BadRowPolicy("error"), 256)
+    model = load_reward_model(ModelConfig(name_or_path=str(rm_checkpoint)), tokenizer).eval().requires_grad_(False)
+    report = update_reward_model(model, pairs, tokenizer.pad_token_id, RewardConfig(), steps=30, lr=1e-3, batch_pairs=6, seed=0)
+    assert report["accuracy_after"] == 1.0 and report["accuracy_after"] > report["accuracy_before"]
+    assert report["loss_last"] < report["loss_first"]
+    assert pairwise_accuracy(model, pairs, tokenizer.pad_token_id, True) == 1.0
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for part in ("model", "critic", "reward_model"):
+        if (run / part).exists():
+            out |= {f"{part}/{k}": v for k, v in load_file(str(run / part / "model.safetensors")).items()}
+    return out
+
+
+def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint, rm_checkpoint):
+    """An uninterrupted run and one killed mid-round (after iteration 3 of 2×3) then resumed end with identical actor,
+    critic and (fast-path-updated) reward model, identical metrics, the same round reports and the same buffer."""
+    folder = tmp_path / "comparisons"
+    folder.mkdir()
+    row = {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": "Final Answer: 4", "rejected": "Final Answer: 5", "condition": "math"}
+    (folder / "labels.jsonl").write_text(json.dumps(row))
+    extra = {"ppo.iterations_per_round": 3, "train.save_every": 1, "ppo.comparisons_dir": str(folder)}
+    full = tmp_path / "full"
+    proc = align_rlhf(tmp_path, rlhf_overrides(full, sft_checkpoint, rm_checkpoint, **extra))
+    assert "held-out reward" in proc.stdout and "iterations" in proc.stdout
+
+    killed = tmp_path / "killed"
+    cmd = ALIGN + ["rlhf", "--config", QUICKSTART] + rlhf_overrides(killed, sft_checkpoint, rm_checkpoint, **extra)
+    child = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "step-00000004").exists() and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = align_rlhf(tmp_path, rlhf_overrides(killed, sft_checkpoint, rm_checkpoint, **extra))
+    assert "resumed from" in resumed.stdout
+
+    a, b = _weights(full), _weights(killed)
+    assert set(a) == set(b) and any(k.startswith("reward_model/") for k in a)  # the fast/slow path changed the RM
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = (json.loads((run / "summary.json").read_text()) for run in (full, killed))
+    assert sa["metrics"] == sb["metrics"] and sa["rounds"] == sb["rounds"]
+    assert sa["rounds"][0]["slow_path_pairs"] == 1 and "rm_update" in sa["rounds"][0]
+    for k in ("reward_before", "reward_after", "accuracy_before", "accuracy_after", "kl"):
+        assert k in sa["metrics"]
+    ma = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    mb = {r["step"]: r for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())}
+    for rec in ma:
+        for key in ("reward", "kl", "value_loss", "policy_loss", "verifier_accuracy"):
+            if key in rec:
+                assert rec[key] == mb[rec["step"]][key], (rec["step"], key)
+    assert (full / "rollouts-rank0.json").read_text() == (killed / "rollouts-rank0.json").read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process launch")
+def test_zero3_two_ranks_with_different_response_lengths(tmp_path, stopping_policy, rm_checkpoint):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+                str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--main_process_port", "0", "-m", "align"]  # fmt: skip
+    out = tmp_path / "zero3"
+    align_rlhf(tmp_path, rlhf_overrides(out, stopping_policy, rm_checkpoint, **{"ppo.max_new_tokens": 16, "ppo.rounds": 1}), launcher)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["deepspeed"] is True and summary["iterations"] == 2
+    lengths = [[len(r["response_ids"]) for r in json.loads((out / f"rollouts-rank{k}.json").read_text())] for k in (0, 1)]
+    assert len(lengths[0]) == len(lengths[1]) == 8  # 2 iterations × 2 prompts × 2 samples on each rank
+    assert sorted(lengths[0]) != sorted(lengths[1]) and min(min(lengths)) < 16  # ranks stopped at different lengths
+    state = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
