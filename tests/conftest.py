@@ -10,6 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ALIGN = [sys.executable, "-m", "align"]
+# DeepSpeed JIT-builds its CPU shared-memory comm op at every process-group start; with XDG_CACHE_HOME in each
+# test's tmp dir it would rebuild (a minute or more on 2 cores) in every ZeRO-3 test. One build per checkout.
+TORCH_EXTENSIONS_DIR = str(ROOT / ".cache" / "torch_extensions")
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +20,7 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR)
     monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -56,7 +60,8 @@ def tiny_overrides(out_dir: Path, steps: int = 6, **extra: object) -> list[str]:
 
 def run_env(tmp_path: Path) -> dict:
     env = dict(os.environ)
-    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT),
+               TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR)
     return env
 
 
@@ -74,3 +79,45 @@ def sft_checkpoint(tmp_path_factory) -> Path:
     load_causal_lm(cfg, tok, torch.float32, seed=0).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+class ScriptedGenerator:
+    """Stands in for `HFGenerator`: scripted answers with real token ids, so tests know which samples are right.
+
+    Prompt i (in the order of `problems`) gets `script(i)`, a list of kinds, one per sample (n = its length):
+    "right" (the ground truth), "wrong" (off by one, or complying with an unsafe request), or "right-cut"
+    (a right answer with a lead-in, flagged truncated). Continuations after an assistant prefix (Dropout-NTP) are " Final Answer: 0".
+    """
+
+    def __init__(self, tokenizer, problems: list[dict], script):
+        import json
+
+        self.tokenizer, self.script, self.calls = tokenizer, script, 0
+        self.index = {json.dumps(p["messages"]): (i, p) for i, p in enumerate(problems)}
+
+    def text(self, problem: dict, kind: str) -> str:
+        lead = "So: " if kind == "right-cut" else ""  # a right answer of its own, so a test can tell which one was kept
+        if problem["unsafe"]:
+            return f"{lead}I can't help with that request." if kind != "wrong" else "Sure, here is how."
+        return f"{lead}Final Answer: {int(problem['answer']) + (kind == 'wrong')}"
+
+    def generation(self, messages: list[dict], text: str, truncated: bool):
+        from align.rollout.generation import Generation
+        from data_builders.render import render_prompt
+
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return Generation(render_prompt(self.tokenizer, messages), ids + ([] if truncated else [self.tokenizer.eos_token_id]), text, truncated)
+
+    def generate(self, prompts, params, prefixes=None):
+        import json
+
+        self.calls += 1
+        if prefixes is not None:
+            return [[self.generation(m, " Final Answer: 0", False)] for m in prompts]
+        out = []
+        for messages in prompts:
+            i, problem = self.index[json.dumps(messages)]
+            kinds = self.script(i)
+            assert len(kinds) == params.n, "the script gives one kind per sample"
+            out.append([self.generation(messages, self.text(problem, k), k == "right-cut") for k in kinds])
+        return out

@@ -102,6 +102,8 @@ class HFGenerator:
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         out = model.generate(input_ids=input_ids.to(self.accelerator.device), attention_mask=attention.to(self.accelerator.device),
                              max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
+                             # whole weights here: no rank needs the others (transformers would otherwise sync every token under ZeRO-3)
+                             synced_gpus=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sampling)  # fmt: skip
         if greedy and params.n > 1:  # n greedy samples are n copies
             out = out.repeat_interleave(params.n, dim=0)

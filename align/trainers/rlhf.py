@@ -97,6 +97,12 @@ class RLHFTrainer:
         per_iteration = ppo.prompts_per_iteration * ppo.samples_per_prompt
         if per_iteration % ppo.mini_batches:
             raise ValueError(f"{per_iteration} rollouts per iteration do not split into ppo.mini_batches={ppo.mini_batches}")
+        per_rank_step = per_iteration // ppo.mini_batches // world
+        if per_rank_step == 0 or (per_iteration // ppo.mini_batches) % world or per_rank_step % recipe.train.micro_batch_size:
+            raise ValueError(
+                f"ppo.prompts_per_iteration × ppo.samples_per_prompt / ppo.mini_batches = {per_iteration // ppo.mini_batches} rollouts per "
+                f"optimizer step cannot be split over {world} processes in micro-batches of train.micro_batch_size="
+                f"{recipe.train.micro_batch_size} rollouts; each rank needs a multiple of the micro-batch")
         # one optimizer step = one mini-batch of rollouts; DeepSpeed's batch config follows from it
         recipe.train.global_batch_size, recipe.train.gradient_accumulation_steps = per_iteration // ppo.mini_batches, None
         self.recipe, self.ppo = recipe, ppo
@@ -128,7 +134,8 @@ class RLHFTrainer:
         if stored_conditions and stored_conditions != self.conditions:
             raise ValueError(f"reward.conditions differ from the prompts {ppo.reward_model} was trained with "
                              f"({sorted(stored_conditions)}); the reward model must see the same condition prompts")  # fmt: skip
-        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, stats)
+        # short rows: CPU attention computes each row's whole length × length block, masked or not
+        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, stats, row_tokens=self._row_tokens())
 
         self.prompts = load_prompts(ppo.prompts_path, recipe.data.synthetic, ppo.num_prompts, split="train")
         self.eval_problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts) if recipe.eval.enabled else []
@@ -322,8 +329,11 @@ class RLHFTrainer:
         records = [(r.condition or "default", float(raw[i]), r.correct, len(r.response_ids), r.truncated, float(kl[i])) for i, r in enumerate(rollouts)]
         records = gather_object(records) if self.engine.world_size > 1 else records
         by: dict[str, list[float]] = defaultdict(list)
-        for condition, reward, *_ in records:
+        right: dict[str, list[bool]] = defaultdict(list)
+        for condition, reward, correct, *_ in records:
             by[condition].append(reward)
+            if correct is not None:
+                right[condition].append(correct)
         judged = [c for _, _, c, *_ in records if c is not None]
         n = len(records)
         metrics = {
@@ -336,6 +346,7 @@ class RLHFTrainer:
             "reward_mean_running": self.moments.mean,
             "reward_std_running": self.moments.std,
             **{f"reward/{c}": sum(v) / len(v) for c, v in sorted(by.items())},
+            **{f"verifier_accuracy/{c}": sum(v) / len(v) for c, v in sorted(right.items())},
             **losses,
             **{f"time/{k}": v for k, v in timings.items()},
         }
