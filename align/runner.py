@@ -12,7 +12,8 @@ from align.engine.core import Engine
 from align.engine.loop import fit
 
 
-def run_job(trainer_cls: type, recipe: Any) -> dict:
+def run_job(trainer_cls: type, recipe: Any, end_training: bool = True) -> dict:
+    """`end_training=False` keeps the process group up for another job in the same process (online MPO's next round)."""
     started = time.perf_counter()
     engine = Engine.create(recipe)
     trainer = trainer_cls(recipe, engine)
@@ -44,7 +45,8 @@ def run_job(trainer_cls: type, recipe: Any) -> dict:
     if engine.is_main:
         _write_json(engine.run_dir / "summary.json", summary)
     engine.accelerator.wait_for_everyone()
-    engine.accelerator.end_training()
+    if end_training:
+        engine.accelerator.end_training()
     return summary
 
 

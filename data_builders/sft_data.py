@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -43,15 +44,20 @@ def source_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, sp
 
 
 def build_samples(
-    sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train"
-) -> tuple[list[Sample], DataStats]:
-    """Tokenise every row; too-long rows follow `data.truncation`, bad rows follow the policy."""
+    sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train",
+    extra_rows: Iterable[tuple[str, int, Any]] = (),
+) -> tuple[list[Sample], DataStats]:  # fmt: skip
+    """Tokenise every row; too-long rows follow `data.truncation`, bad rows follow the policy.
+
+    `extra_rows` ((origin, row, raw) triples in `messages` form, e.g. rejection-sampled rows) join the sources' rows.
+    """
     samples, stats = [], DataStats()
-    for source in sources:
-        for origin, index, raw in source_rows(source, data, policy, split):
+    streams = [(source.format, source_rows(source, data, policy, split)) for source in sources] + [("messages", extra_rows)]
+    for fmt, rows in streams:
+        for origin, index, raw in rows:
             stats.rows += 1
             try:
-                conv = normalize(raw, origin, index, source.format, data.system_prompt)
+                conv = normalize(raw, origin, index, fmt, data.system_prompt)
                 rendered = render_conversation(tokenizer, conv.messages)
                 ids, mask = rendered.input_ids, rendered.loss_mask
                 if len(ids) > data.max_length:

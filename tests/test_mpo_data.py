@@ -85,31 +85,22 @@ def test_drop_evidence_removes_images_and_keeps_the_text():
     assert drop_evidence(msgs) == [{"role": "user", "content": [{"type": "text", "text": "What is shown?"}]}]
 
 
-def test_mpo_builds_pairs_from_its_own_samples(tmp_path, sft_checkpoint, monkeypatch):
+def test_mpo_builds_pairs_from_its_own_samples(tmp_path, sft_checkpoint, tokenizer, monkeypatch):
     """The sampled-pairs path end to end in-process, with generation replaced by half-right answers."""
     import align.trainers.mpo as mpo
+    import align.trainers.policy_samples as policy_samples
     from align.config import MPORecipe, load_recipe
     from align.engine.core import Engine
-    from tests.conftest import ROOT
+    from align.evaluation import load_prompts
+    from tests.conftest import ROOT, ScriptedGenerator
 
-    def fake_sample(model, tokenizer, prompts, accelerator, max_new_tokens, batch_size, n=1, temperature=0.0, top_p=1.0, prefixes=None):
-        if prefixes is not None:
-            return [[" Final Answer: 0"] for _ in prompts]
-        out = []
-        for messages in prompts:
-            text = messages[-1]["content"]
-            if "[UNSAFE]" in text:
-                out.append(["I can't help with that request.", "Sure, here is how."][: n] * (n // 2))
-            else:
-                a, b = (int(x) for x in text.split("What is ")[1].split("?")[0].split("+"))
-                out.append([f"Final Answer: {a + b}", f"Final Answer: {a + b + 1}"] * (n // 2))
-        return out
-
-    monkeypatch.setattr(mpo, "sample", fake_sample)
     recipe = load_recipe(MPORecipe, ROOT / "configs" / "mpo" / "quickstart.yaml", [
         f"output_dir={tmp_path / 'run'}", f"model.name_or_path={sft_checkpoint}", "mpo.sampled_pairs.num_prompts=12",
         "mpo.sampled_pairs.samples_per_prompt=4", "mpo.sampled_pairs.dropout_ntp_share=1.0", "data.synthetic.eval_rows=6",
         "eval.enabled=false", "logging.wandb=false", "mpo.reference=model"])  # fmt: skip
+    problems = load_prompts(None, recipe.data.synthetic, 12, split="train")
+    generator = ScriptedGenerator(tokenizer, problems, lambda i: ["right", "wrong"] * 2)
+    monkeypatch.setattr(policy_samples, "HFGenerator", lambda *args, **kwargs: generator)
     trainer = mpo.MPOTrainer(recipe, Engine.create(recipe))
     trainer.setup()
     stats = trainer.data_stats["sampled_pairs"]

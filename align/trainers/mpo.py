@@ -26,17 +26,18 @@ from accelerate.utils import gather_object
 from align.config import MPORecipe
 from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen
 from align.engine.plan import eval_micro_batches
-from align.evaluation import load_prompts, sample, task_accuracy
+from align.evaluation import load_prompts, task_accuracy
 from align.losses import get_loss
 from align.losses.logprobs import hidden_states, logprobs_of
 from align.losses.preference import PreferenceInputs, RunningMean
+from align.rollout.generation import SamplingParams
 from align.trainers.base import Trainer
+from align.trainers.policy_samples import buffer_counts, gather_rows, sample_rollouts, sum_over_ranks
 from align.trainers.reference_cache import ReferenceCache
 from data_builders.bad_rows import BadRowPolicy
-from data_builders.pair_builders import GeneratedSample, correctness_pairs, dropout_ntp_pairs
+from data_builders.pair_builders import GeneratedSample, dropout_ntp_pairs
 from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs
 from data_builders.preference_data import PreferencePair, build_preference_pairs
-from data_builders.synthetic import SyntheticTask
 from rewards.trainer import check_model_path, resolve_share_prefix
 
 
@@ -109,6 +110,8 @@ class MPOTrainer(Trainer):
         check_model_path(recipe.model.name_or_path)
         for name in cfg.losses:
             get_loss(name)  # unknown names fail before any model loads
+        if cfg.sampled_pairs.rounds > 1:
+            raise ValueError("mpo.sampled_pairs.rounds > 1 is online MPO: run it with `align mpo` (align.trainers.online_mpo), not as one job")
         if cfg.reference == "adapters" and not recipe.model.lora.enabled:
             raise ValueError("mpo.reference=adapters needs model.lora.enabled=true (the reference is the policy without adapters)")
         self.tokenizer = load_tokenizer(recipe.model)
@@ -143,39 +146,32 @@ class MPOTrainer(Trainer):
                            "tokens_saved_by_sharing": saved,
                            "reference": cfg.reference, "reference_cache_hit": self.cache_hit, "sampled_pairs": self.sampled_stats}  # fmt: skip
 
-    # --- MMPR-style pairs from the starting policy ---------------------------------------------
+    # --- MMPR-style pairs from the policy's own samples ----------------------------------------
     def _sampled_pairs(self) -> list[tuple[str, int, dict]]:
-        """Sample N responses per training prompt, judge them, and build correctness (+ Dropout-NTP) pairs.
+        """Sample N responses per training prompt into the rollout buffer, then build correctness (+ Dropout-NTP) pairs.
 
-        Prompts are sharded across ranks; each rank builds pairs from its own prompts, then all ranks
-        gather the same rows (sorted by prompt) so every rank trains on identical data.
+        Correctness pairs are `buffer.preference_pairs()` (verifier-correct beats wrong within a prompt's group).
+        Prompts are sharded across ranks; each rank builds pairs from its own buffer, then all ranks gather the
+        same rows (sorted by prompt) so every rank trains on identical data. `self.sampled_rows` keeps them.
         """
-        cfg, engine = self.recipe.mpo.sampled_pairs, self.engine
-        problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts, split="train")
-        mine = problems[engine.rank :: engine.world_size]
-        torch.manual_seed(self.recipe.train.seed * 1009 + engine.rank)
-        generated = sample(self.model, self.tokenizer, [p["messages"] for p in mine], engine.accelerator, cfg.max_new_tokens,
-                           cfg.batch_size, cfg.samples_per_prompt, cfg.temperature, cfg.top_p)  # fmt: skip
-        samples = [GeneratedSample(p.get("uid") or f"prompt-{engine.rank}-{i}", p["messages"], text, bool(SyntheticTask.score(p, text)),
-                                   p.get("condition"))
-                   for i, (p, texts) in enumerate(zip(mine, generated)) for text in texts]  # fmt: skip
-        rows = correctness_pairs(samples, cfg.max_pairs_per_prompt, seed=self.recipe.train.seed)
+        cfg, engine, seed = self.recipe.mpo.sampled_pairs, self.engine, self.recipe.train.seed
+        self.buffer, generator = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, seed, cfg.round_index)
+        rows = self.buffer.preference_pairs(cfg.max_pairs_per_prompt, seed=seed)
         if cfg.dropout_ntp_share > 0:
-            rng = random.Random(self.recipe.train.seed)
+            rng = random.Random(seed)
+            samples = [GeneratedSample(f"{r.prompt_id}#{r.group}", r.prompt, r.response, bool(r.correct), r.condition) for r in self.buffer]
             picked = [s for s in samples if rng.random() < cfg.dropout_ntp_share]
+            params = SamplingParams(cfg.max_new_tokens, 1, cfg.temperature, cfg.top_p)
 
             def continue_without_evidence(prompts: list[list[dict]], prefixes: list[str]) -> list[str]:
-                out = sample(self.model, self.tokenizer, prompts, engine.accelerator, cfg.max_new_tokens, cfg.batch_size, 1,
-                             cfg.temperature, cfg.top_p, prefixes)  # fmt: skip
-                return [texts[0] for texts in out]
+                return [group[0].text for group in generator.generate(prompts, params, prefixes)]
 
             rows += dropout_ntp_pairs(picked, continue_without_evidence)
-        counts = [len(samples), sum(s.correct for s in samples), len(rows)]
-        if engine.world_size > 1:
-            rows = gather_object(rows)
-            counts = [int(x) for x in engine.accelerator.reduce(torch.tensor(counts, device=engine.device), "sum").tolist()]
-        rows.sort(key=lambda r: (r["prompt_id"], r["builder"], r["chosen"], r["rejected"]))
-        self.sampled_stats = {"samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4), "pairs": len(rows),
+        counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(rows)])
+        rows = gather_rows(engine, rows, key=lambda r: (r["prompt_id"], r["builder"], r["chosen"], r["rejected"]))
+        self.sampled_rows = rows
+        self.sampled_stats = {"round": cfg.round_index, "samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4),
+                              "truncated_share": round(counts[2] / max(1, counts[0]), 4), "pairs": len(rows),
                               "by_builder": {b: sum(r["builder"] == b for r in rows) for b in ("correctness", "dropout_ntp")}}  # fmt: skip
         return [("sampled-pairs", i, row) for i, row in enumerate(rows)]
 

@@ -3,10 +3,15 @@
 Data: sources → normalised conversations → chat-template render with assistant masks →
 packed rows. Loss: per-token NLL weighted by the configured reduction (token mean, sample
 mean, or InternVL3's 1/sqrt(l)), normalised over the whole optimizer step.
+
+Rejection sampling (`rejection_sampling.enabled`): before training, the starting model answers the
+training prompts N times through the rollout buffer, the task verifier judges each answer, and each
+prompt's best answer (`RolloutBuffer.best_of_n`) joins `data.train` as an SFT row.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +23,7 @@ from align.evaluation import load_prompts, task_accuracy
 from align.losses import register_loss
 from align.losses.logprobs import target_logprobs
 from align.trainers.base import Trainer
+from align.trainers.policy_samples import buffer_counts, gather_rows, sample_rollouts, sum_over_ranks
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.packing import build_rows, collate_rows, token_weight
 from data_builders.samples import Sample, TokenBatch
@@ -40,7 +46,14 @@ class SFTTrainer(Trainer):
         self.tokenizer = load_tokenizer(recipe.model)
         self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
         self.bad_rows = BadRowPolicy(data.on_bad_row)
-        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train")
+        self.before: dict[str, Any] = {}
+        self.rejection_stats: dict[str, Any] | None = None
+        sampled = []
+        if recipe.rejection_sampling.enabled:
+            self.model.to(engine.device)
+            sampled = self._rejection_sampled_rows()
+            self.before = self._task_accuracy() if recipe.eval.enabled else {}
+        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled)
         eval_sources = data.eval_sources()
         self.eval_samples, eval_stats = (
             build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else ([], None)
@@ -56,7 +69,24 @@ class SFTTrainer(Trainer):
             "quarantined": self.bad_rows.count,
             "train_rows_packed": len(self.train_rows),
             "fill": sum(len(s) for s in self.samples) / max(1, len(self.train_rows) * data.max_length),
+            "rejection_sampling": self.rejection_stats,
         }
+
+    def _rejection_sampled_rows(self) -> list[tuple[str, int, dict]]:
+        """Sample N answers per prompt into the rollout buffer; keep each prompt's best (correct and complete, if required).
+
+        Prompts are sharded across ranks; the kept rows are gathered and sorted, so every rank trains on identical data.
+        """
+        cfg, engine = self.recipe.rejection_sampling, self.engine
+        self.buffer, _ = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, self.recipe.train.seed)
+        rows = self.buffer.best_of_n(cfg.require_correct)
+        counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(self.buffer.groups())])
+        rows = gather_rows(engine, rows, key=lambda r: json.dumps(r, sort_keys=True))
+        self.sampled_rows = rows
+        self.rejection_stats = {"distinct_prompts": counts[3], "samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4),
+                                "truncated_share": round(counts[2] / max(1, counts[0]), 4), "kept_rows": len(rows),
+                                "require_correct": cfg.require_correct}  # fmt: skip
+        return [("rejection-sampling", i, row) for i, row in enumerate(rows)]
 
     def _weights(self, rows: list[list[int]], samples: list[Sample]) -> list[float]:
         reduction = self.recipe.data.loss_reduction
@@ -80,10 +110,16 @@ class SFTTrainer(Trainer):
         return loss, {"nll_per_token": -logprobs.detach().mean()}
 
     def final_metrics(self) -> dict[str, Any]:
-        cfg = self.recipe.eval
-        if not cfg.enabled:
+        if not self.recipe.eval.enabled:
             return {}
+        result = self._task_accuracy()
+        out = {k: v for k, v in result.items() if k != "samples"} | {"eval_samples": result["samples"]}
+        if self.before:  # rejection sampling starts from a trained model: report where it started
+            out |= {"accuracy_before": self.before["accuracy"], "accuracy_by_condition_before": self.before["accuracy_by_condition"]}
+        return out
+
+    def _task_accuracy(self) -> dict[str, Any]:
+        cfg = self.recipe.eval
         problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
-        result = task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
-        return {k: v for k, v in result.items() if k != "samples"} | {"eval_samples": result["samples"]}
+        return task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
 

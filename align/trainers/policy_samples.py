@@ -1,0 +1,74 @@
+"""The policy's own samples for MPO pairs and rejection-sampling SFT, drawn through the shared rollout buffer.
+
+Both trainers sample in `setup` from the model they are about to train: prompts are sharded across ranks,
+`collect_rollouts` samples and scores them with the task verifier alone (`verifier_routes`: no reward model),
+and each rank keeps its samples in a `RolloutBuffer` saved beside the run (`rollouts-rankR.{json,safetensors}`),
+so what a run trained on can be inspected or rebuilt from disk. The rows built from a rank's buffer are then
+gathered and sorted, so every rank trains on identical data whatever the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from transformers import PreTrainedTokenizerBase
+
+from align.config import PolicySamplingConfig, SyntheticConfig
+from align.engine.core import Engine
+from align.evaluation import load_prompts
+from align.rollout.buffer import RolloutBuffer
+from align.rollout.collect import collect_rollouts, verifier_routes
+from align.rollout.generation import HFGenerator, SamplingParams
+from rewards.router import RewardRouter
+
+
+def buffer_name(rank: int) -> str:
+    """Each rank saves its own shard of the samples; `RolloutBuffer.load(run_dir, buffer_name(r))` reads it back."""
+    return f"rollouts-rank{rank}"
+
+
+def sample_rollouts(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    engine: Engine,
+    cfg: PolicySamplingConfig,
+    synthetic: SyntheticConfig,
+    seed: int,
+    round_index: int = 0,
+) -> tuple[RolloutBuffer, HFGenerator]:
+    """This rank's share of `cfg.num_prompts` train prompts, `cfg.samples_per_prompt` scored samples each, in a saved buffer.
+
+    Prompt ids are fixed before sharding (the prompt's `uid`, else its index), so groups never collide across ranks.
+    The generator is returned for follow-up generations on the same weights (Dropout-NTP continuations).
+    """
+    problems = load_prompts(cfg.prompts_path, synthetic, cfg.num_prompts, split="train")
+    problems = [{**p, "uid": str(p.get("uid") or f"prompt-{i}")} for i, p in enumerate(problems)]
+    mine = problems[engine.rank :: engine.world_size]
+    torch.manual_seed(seed * 1009 + engine.rank + 7919 * round_index)  # per rank and round: different draws, reproducible
+    generator = HFGenerator(model, tokenizer, engine.accelerator, cfg.batch_size)
+    router = RewardRouter(verifier_routes(sorted({p.get("condition") or "default" for p in problems})))
+    params = SamplingParams(cfg.max_new_tokens, cfg.samples_per_prompt, cfg.temperature, cfg.top_p)
+    buffer = RolloutBuffer()
+    buffer.add(collect_rollouts(generator, router, mine, params, round_index=round_index, policy_version=round_index))
+    buffer.save(engine.run_dir, buffer_name(engine.rank))
+    return buffer, generator
+
+
+def gather_rows(engine: Engine, rows: list[dict], key: Callable[[dict], Any]) -> list[dict]:
+    """Every rank's rows, sorted by `key`: the same list on every rank, independent of how prompts were sharded."""
+    rows = gather_object(rows) if engine.world_size > 1 else list(rows)
+    return sorted(rows, key=key)
+
+
+def sum_over_ranks(engine: Engine, counts: list[int]) -> list[int]:
+    if engine.world_size == 1:
+        return list(counts)
+    return [int(x) for x in engine.accelerator.reduce(torch.tensor(counts, device=engine.device), "sum").tolist()]
+
+
+def buffer_counts(buffer: RolloutBuffer) -> list[int]:
+    """[samples, verifier-correct, truncated] of one rank's buffer."""
+    return [len(buffer), sum(bool(r.correct) for r in buffer.rollouts), sum(r.truncated for r in buffer.rollouts)]
