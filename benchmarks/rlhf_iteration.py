@@ -173,7 +173,7 @@ class _Forced:
         self.model, self.synced = model, synced
 
     def generate(self, **kwargs: Any) -> Any:
-        return self.model.generate(**kwargs, synced_gpus=self.synced)
+        return self.model.generate(**{**kwargs, "synced_gpus": self.synced})
 
 
 def compare_generation(trainer: Any, args: argparse.Namespace) -> dict[str, Any]:
