@@ -129,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     rlhf = sub.add_parser("rlhf", help="COOL RLHF: conditional online PPO in rounds (InternLM2)")
     _add_common(rlhf)
     rlhf.set_defaults(func=cmd_rlhf)
-    from align import pipeline, report
+    from align import pipeline, report, sweep
 
     pipeline.register(sub)
     report.register(sub)
+    sweep.register(sub)
     ev = sub.add_parser("eval", help="task accuracy per condition on held-out prompts")
     _add_common(ev, config_required=False)
     ev.add_argument("--model", help="model directory, hub name or builtin:NAME (overrides model.name_or_path)")
