@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 quickstart: install
-	$(BIN)/align sft --config configs/sft/quickstart.yaml
+	$(BIN)/align pipeline configs/pipelines/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests
