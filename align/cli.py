@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     rlhf = sub.add_parser("rlhf", help="COOL RLHF: conditional online PPO in rounds (InternLM2)")
     _add_common(rlhf)
     rlhf.set_defaults(func=cmd_rlhf)
-    from align import pipeline, report, sweep
+    from align import bon, pipeline, report, sweep
 
+    bon.register(sub)
     pipeline.register(sub)
     report.register(sub)
     sweep.register(sub)
