@@ -319,20 +319,29 @@ class RLHFRecipe(RunRecipe):
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
+RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "mpo": MPORecipe, "rlhf": RLHFRecipe}  # command → recipe type
+
+
 # ----------------------------------------------------------------------------- loading
+def read_yaml_mapping(path: str | Path, what: str = "config file", error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (safe_load); a missing file, bad YAML or a list is an error naming the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except yaml.YAMLError as err:
+        raise error(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
 def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read `path` (YAML), apply `key.sub=value` overrides, and build a checked `cls`."""
     source = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "config file")
     for item in overrides:
         apply_override(raw, item, source)
     return build(cls, raw, source=source)

@@ -32,11 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from align.config import RECIPES, ConfigError, load_recipe, read_yaml_mapping, to_dict
 
-from align.config import ConfigError, MPORecipe, RLHFRecipe, RMRecipe, SFTRecipe, load_recipe, to_dict
-
-RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "mpo": MPORecipe, "rlhf": RLHFRecipe}
 REFERENCE = re.compile(r"\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_]+)\}")
 STAGE_FILE = "pipeline_stage.json"
 
@@ -62,10 +59,7 @@ class StageFailed(RuntimeError):
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     """Read and check a pipeline file; errors name the file, the stage and the key."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: pipeline file not found") from None
+    raw = read_yaml_mapping(path, "pipeline file")
     for item in overrides:  # only `output_dir=...` is meaningful at the pipeline level
         key, _, value = item.partition("=")
         if key != "output_dir":

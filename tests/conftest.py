@@ -81,6 +81,32 @@ def sft_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_rm(sft_checkpoint, tmp_path_factory) -> Path:
+    """A tiny conditional RM started from the tiny SFT model, with a seeded non-zero head and stored stats."""
+    import json
+
+    import torch
+
+    from align.config import ModelConfig
+    from align.engine.models import load_tokenizer
+    from rewards.conditions import DEFAULT_CONDITIONS
+    from rewards.model import load_reward_model, reward_head
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    cfg = ModelConfig(name_or_path=str(sft_checkpoint))
+    tok = load_tokenizer(cfg)
+    model = load_reward_model(cfg, tok)
+    with torch.no_grad():
+        head = reward_head(model).weight
+        head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    stats = {c: {"mean": 0.0, "std": 1.0} for c in ("math", "concise", "harmless")}
+    (out / "reward_stats.json").write_text(json.dumps({"conditions": dict(DEFAULT_CONDITIONS), "stats": stats}))
+    return out
+
+
 class ScriptedGenerator:
     """Stands in for `HFGenerator`: scripted answers with real token ids, so tests know which samples are right.
 

@@ -12,32 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import ROOT, ScriptedGenerator, run_env
 
 QUICKSTART = str(ROOT / "configs" / "bon" / "quickstart.yaml")
-
-
-@pytest.fixture(scope="session")
-def bon_rm(sft_checkpoint, tmp_path_factory) -> Path:
-    """A tiny conditional RM started from the tiny SFT model, with a seeded non-zero head and stored stats."""
-    from align.config import ModelConfig
-    from align.engine.models import load_tokenizer
-    from rewards.conditions import DEFAULT_CONDITIONS
-    from rewards.model import load_reward_model, reward_head
-
-    out = tmp_path_factory.mktemp("bon-rm") / "model"
-    cfg = ModelConfig(name_or_path=str(sft_checkpoint))
-    tok = load_tokenizer(cfg)
-    model = load_reward_model(cfg, tok)
-    with torch.no_grad():
-        reward_head(model).weight.copy_(torch.randn(reward_head(model).weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    stats = {c: {"mean": 0.0, "std": 1.0} for c in ("math", "concise", "harmless")}
-    (out / "reward_stats.json").write_text(json.dumps({"conditions": dict(DEFAULT_CONDITIONS), "stats": stats}))
-    return out
 
 
 def bon_overrides(out: Path, sft: Path, rm: Path | str, **extra: object) -> list[str]:
@@ -81,7 +59,7 @@ def check_against_samples(out: Path, n_values: list[int], num_prompts: int) -> t
     return summary, samples
 
 
-def test_picks_are_the_router_argmax_of_the_first_n(tmp_path, sft_checkpoint, bon_rm, tokenizer):
+def test_picks_are_the_router_argmax_of_the_first_n(tmp_path, sft_checkpoint, tiny_rm, tokenizer):
     """Scripted right/wrong answers (real token ids, real RM scores): accuracy, pass@N and reward per N follow from the samples."""
     from align.bon import BestOfN, BoNRecipe
     from align.config import load_recipe
@@ -96,7 +74,7 @@ def test_picks_are_the_router_argmax_of_the_first_n(tmp_path, sft_checkpoint, bo
             return self.scripted
 
     out = tmp_path / "bon"
-    recipe = load_recipe(BoNRecipe, QUICKSTART, bon_overrides(out, sft_checkpoint, bon_rm, **{"eval.num_prompts": 24, "eval.batch_size": 5}))
+    recipe = load_recipe(BoNRecipe, QUICKSTART, bon_overrides(out, sft_checkpoint, tiny_rm, **{"eval.num_prompts": 24, "eval.batch_size": 5}))
     job = Scripted(recipe)
     summary = job.run()
     assert json.loads((out / "summary.json").read_text())["metrics"] == summary["metrics"]
@@ -118,13 +96,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_command_samples_the_policy(tmp_path, sft_checkpoint, bon_rm, capsys):
+def test_command_samples_the_policy(tmp_path, sft_checkpoint, tiny_rm, capsys):
     """`align bon` end to end on the tiny policy: max N samples per prompt, drawn once, seeded; a table on stdout."""
     out = tmp_path / "bon"
-    args = parser().parse_args(["bon", "--config", QUICKSTART, *[a for o in bon_overrides(out, sft_checkpoint, bon_rm) for a in ("--set", o)]])
+    args = parser().parse_args(["bon", "--config", QUICKSTART, *[a for o in bon_overrides(out, sft_checkpoint, tiny_rm) for a in ("--set", o)]])
     assert args.func(args) == 0
     summary, samples = check_against_samples(out, [1, 2, 4], 6)
-    assert summary["samples_per_prompt"] == 4 and summary["world_size"] == 1 and summary["reward_model"] == str(bon_rm.resolve())
+    assert summary["samples_per_prompt"] == 4 and summary["world_size"] == 1 and summary["reward_model"] == str(tiny_rm.resolve())
     assert all(rows[0]["parts"].keys() == {"rm"} for rows in samples.values())  # the RM alone picks
     assert len({r["response"] for rows in samples.values() for r in rows}) > 6  # sampled, not greedy copies
     printed = capsys.readouterr().out
@@ -144,29 +122,28 @@ def test_missing_reward_model_names_the_command(tmp_path, sft_checkpoint, capsys
     assert "align sft --config configs/sft/quickstart.yaml" in capsys.readouterr().err
 
 
-def test_bad_settings_fail_before_loading(tmp_path, sft_checkpoint, bon_rm):
+def test_bad_settings_fail_before_loading(tmp_path, sft_checkpoint, tiny_rm):
     from align.bon import BestOfN, BoNRecipe
     from align.config import ConfigError, load_recipe
 
     for extra, message in [({"bon.temperature": 0.0}, "greedy"), ({"bon.n_values": "[0, 2]"}, "positive"),
                            ({"bon.reward_model": "null"}, "reward_model is null")]:  # fmt: skip
-        recipe = load_recipe(BoNRecipe, QUICKSTART, bon_overrides(tmp_path / "bon", sft_checkpoint, bon_rm, **extra))
+        recipe = load_recipe(BoNRecipe, QUICKSTART, bon_overrides(tmp_path / "bon", sft_checkpoint, tiny_rm, **extra))
         with pytest.raises(ConfigError, match=message):
             BestOfN(recipe)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process launch")
-def test_two_ranks_give_the_one_rank_samples(tmp_path, sft_checkpoint, bon_rm):
+def test_two_ranks_give_the_one_rank_samples(tmp_path, sft_checkpoint, tiny_rm):
     """Chunks are dealt over ranks and seeded by index: a 2-rank ZeRO-3 launch gathers every prompt and draws the 1-rank samples."""
     from align.bon import BoNRecipe, run_bon
     from align.config import load_recipe
 
     one, two = tmp_path / "one", tmp_path / "two"
-    run_bon(load_recipe(BoNRecipe, QUICKSTART, bon_overrides(one, sft_checkpoint, bon_rm)))
+    run_bon(load_recipe(BoNRecipe, QUICKSTART, bon_overrides(one, sft_checkpoint, tiny_rm)))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
                 str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--main_process_port", "0", "-m", "align.bon"]  # fmt: skip
-    cmd = launcher + ["--config", QUICKSTART, *[a for o in bon_overrides(two, sft_checkpoint, bon_rm) for a in ("--set", o)]]
+    cmd = launcher + ["--config", QUICKSTART, *[a for o in bon_overrides(two, sft_checkpoint, tiny_rm) for a in ("--set", o)]]
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("pass@N") == 1  # one report per job

@@ -21,27 +21,6 @@ QUICKSTART = str(ROOT / "configs" / "rlhf" / "quickstart.yaml")
 
 
 @pytest.fixture(scope="session")
-def rm_checkpoint(sft_checkpoint, tmp_path_factory) -> Path:
-    """A tiny conditional RM started from the tiny SFT model, with a seeded non-zero head and stored stats."""
-    from align.config import ModelConfig
-    from align.engine.models import load_tokenizer
-    from rewards.conditions import DEFAULT_CONDITIONS
-    from rewards.model import load_reward_model, reward_head
-
-    out = tmp_path_factory.mktemp("rm") / "model"
-    cfg = ModelConfig(name_or_path=str(sft_checkpoint))
-    tok = load_tokenizer(cfg)
-    model = load_reward_model(cfg, tok)
-    with torch.no_grad():
-        reward_head(model).weight.copy_(torch.randn(reward_head(model).weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    stats = {c: {"mean": 0.0, "std": 1.0} for c in ("math", "concise", "harmless")}
-    (out / "reward_stats.json").write_text(json.dumps({"conditions": dict(DEFAULT_CONDITIONS), "stats": stats}))
-    return out
-
-
-@pytest.fixture(scope="session")
 def stopping_policy(sft_checkpoint, tmp_path_factory) -> Path:
     """The tiny SFT model with its end-of-turn logit raised to ≈ 5.5 everywhere: it stops after a random number of tokens
     (about one in seven per step), so ranks sampling different prompts finish at different lengths."""
@@ -86,9 +65,9 @@ def in_process_trainer(tmp_path: Path, sft: Path, rm: Path, **extra: object):
     return trainer
 
 
-def test_condition_prompt_reaches_the_reward_model_only(tmp_path, sft_checkpoint, rm_checkpoint):
+def test_condition_prompt_reaches_the_reward_model_only(tmp_path, sft_checkpoint, tiny_rm):
     """COOL RLHF: the condition's system prompt is in every reward-model input and in no actor, critic or reference input."""
-    trainer = in_process_trainer(tmp_path, sft_checkpoint, rm_checkpoint, **{"ppo.ptx_coef": 0})
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, tiny_rm, **{"ppo.ptx_coef": 0})
     seen: dict[str, list[torch.Tensor]] = {"actor": [], "critic": [], "reference": [], "reward": []}
     inner = trainer.engine.accelerator.unwrap_model(trainer.model)
     modules = {"actor": inner.actor, "critic": inner.critic, "reference": trainer.reference, "reward": trainer.reward_model}
@@ -108,11 +87,11 @@ def test_condition_prompt_reaches_the_reward_model_only(tmp_path, sft_checkpoint
     assert scored == trainer.ppo.prompts_per_iteration * trainer.ppo.samples_per_prompt
 
 
-def test_packed_experience_equals_separate_forwards(tmp_path, sft_checkpoint, rm_checkpoint):
+def test_packed_experience_equals_separate_forwards(tmp_path, sft_checkpoint, tiny_rm):
     """Packed log-probs and values of several rollouts equal one plain forward per rollout."""
     from align.rollout.experience import actor_logprobs, collate_rollouts, critic_values
 
-    trainer = in_process_trainer(tmp_path, sft_checkpoint, rm_checkpoint)
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, tiny_rm)
     from align.rollout.collect import collect_rollouts
     from align.rollout.generation import SamplingParams
 
@@ -169,7 +148,7 @@ def test_detectors_flag_reward_hacking_and_blowups():
     assert is_repetitive("a b c a b c a b c") and not is_repetitive("7+5=12, 4+8+1=13. Final Answer: 132")
 
 
-def test_slow_path_rows_are_checked_and_the_rm_update_fixes_them(tmp_path, sft_checkpoint, rm_checkpoint, tokenizer):
+def test_slow_path_rows_are_checked_and_the_rm_update_fixes_them(tmp_path, sft_checkpoint, tiny_rm, tokenizer):
     from align.config import ModelConfig, RewardConfig
     from data_builders.bad_rows import BadRowError, BadRowPolicy
     from rewards.conditions import DEFAULT_CONDITIONS
@@ -188,7 +167,7 @@ def test_slow_path_rows_are_checked_and_the_rm_update_fixes_them(tmp_path, sft_c
     with pytest.raises(BadRowError, match=r"b\.jsonl: row 0: field 'condition'"):
         comparison_pairs(found[1][1], tokenizer, DEFAULT_CONDITIONS, found[1][0], BadRowPolicy("error"), 256)
     pairs = comparison_pairs(found[0][1], tokenizer, DEFAULT_CONDITIONS, found[0][0], BadRowPolicy("error"), 256)
-    model = load_reward_model(ModelConfig(name_or_path=str(rm_checkpoint)), tokenizer).eval().requires_grad_(False)
+    model = load_reward_model(ModelConfig(name_or_path=str(tiny_rm)), tokenizer).eval().requires_grad_(False)
     report = update_reward_model(model, pairs, tokenizer.pad_token_id, RewardConfig(), steps=30, lr=1e-3, batch_pairs=6, seed=0)
     assert report["accuracy_after"] == 1.0 and report["accuracy_after"] > report["accuracy_before"]
     assert report["loss_last"] < report["loss_first"]
@@ -204,7 +183,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint, rm_checkpoint):
+def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint, tiny_rm):
     """An uninterrupted run and one killed mid-round (after iteration 3 of 2×3) then resumed end with identical actor,
     critic and (fast-path-updated) reward model, identical metrics, the same round reports and the same buffer."""
     folder = tmp_path / "comparisons"
@@ -213,11 +192,11 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint
     (folder / "labels.jsonl").write_text(json.dumps(row))
     extra = {"ppo.iterations_per_round": 3, "train.save_every": 1, "ppo.comparisons_dir": str(folder)}
     full = tmp_path / "full"
-    proc = align_rlhf(tmp_path, rlhf_overrides(full, sft_checkpoint, rm_checkpoint, **extra))
+    proc = align_rlhf(tmp_path, rlhf_overrides(full, sft_checkpoint, tiny_rm, **extra))
     assert "held-out reward" in proc.stdout and "iterations" in proc.stdout
 
     killed = tmp_path / "killed"
-    cmd = ALIGN + ["rlhf", "--config", QUICKSTART] + rlhf_overrides(killed, sft_checkpoint, rm_checkpoint, **extra)
+    cmd = ALIGN + ["rlhf", "--config", QUICKSTART] + rlhf_overrides(killed, sft_checkpoint, tiny_rm, **extra)
     child = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (killed / "checkpoints" / "step-00000004").exists() and child.poll() is None:
@@ -225,7 +204,7 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    resumed = align_rlhf(tmp_path, rlhf_overrides(killed, sft_checkpoint, rm_checkpoint, **extra))
+    resumed = align_rlhf(tmp_path, rlhf_overrides(killed, sft_checkpoint, tiny_rm, **extra))
     assert "resumed from" in resumed.stdout
 
     a, b = _weights(full), _weights(killed)
@@ -246,12 +225,11 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint
     assert (full / "rollouts-rank0.json").read_text() == (killed / "rollouts-rank0.json").read_text()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process launch")
-def test_zero3_two_ranks_with_different_response_lengths(tmp_path, stopping_policy, rm_checkpoint):
+def test_zero3_two_ranks_with_different_response_lengths(tmp_path, stopping_policy, tiny_rm):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
                 str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--main_process_port", "0", "-m", "align"]  # fmt: skip
     out = tmp_path / "zero3"
-    align_rlhf(tmp_path, rlhf_overrides(out, stopping_policy, rm_checkpoint, **{"ppo.max_new_tokens": 16, "ppo.rounds": 1}), launcher)
+    align_rlhf(tmp_path, rlhf_overrides(out, stopping_policy, tiny_rm, **{"ppo.max_new_tokens": 16, "ppo.rounds": 1}), launcher)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["deepspeed"] is True and summary["iterations"] == 2
     lengths = [[len(r["response_ids"]) for r in json.loads((out / f"rollouts-rank{k}.json").read_text())] for k in (0, 1)]

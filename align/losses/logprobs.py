@@ -54,13 +54,16 @@ def target_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk_tokens: int
 
 def logprobs_of(model: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """log p(target) from final hidden states (tokens, hidden): the LM head runs on these positions only, chunked."""
-    head = output_embeddings(model)
+    return _chunked(_chunk_logprobs, output_embeddings(model), selected, targets, chunk_tokens)
+
+
+def _chunked(fn, head: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
+    """`fn(head, hidden, targets)` over chunks of positions, each recomputed in backward; outputs concatenated."""
     if selected.shape[0] <= chunk_tokens:
-        return _chunk_logprobs(head, selected, targets)
-    parts = [
-        checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False)
-        for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))
-    ]
+        return fn(head, selected, targets)
+    parts = [checkpoint(fn, head, h, t, use_reentrant=False) for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
 
 
@@ -75,11 +78,4 @@ def _chunk_logprobs_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets
 def logprobs_and_entropy_of(model: torch.nn.Module, selected: torch.Tensor, targets: torch.Tensor,
                             chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`logprobs_of` plus the (detached) entropy of each position's distribution, from the same logits."""
-    head = output_embeddings(model)
-    if selected.shape[0] <= chunk_tokens:
-        return _chunk_logprobs_entropy(head, selected, targets)
-    parts = [
-        checkpoint(_chunk_logprobs_entropy, head, h, t, use_reentrant=False)
-        for h, t in zip(selected.split(chunk_tokens), targets.split(chunk_tokens))
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _chunked(_chunk_logprobs_entropy, output_embeddings(model), selected, targets, chunk_tokens)
