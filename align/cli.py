@@ -107,6 +107,10 @@ def _print_result(summary: dict) -> None:
         label = "pairwise accuracy" if summary["job"] == "rm" else "task accuracy"
         before = f" (before: {metrics['accuracy_before']:.1%})" if "accuracy_before" in metrics else ""
         print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by}){before}")
+    if "accuracy_by_tag" in metrics:
+        counts = metrics.get("eval_pairs_by_tag", {})
+        by = ", ".join(f"{k} {v:.1%} of {counts.get(k, '?')}" for k, v in metrics["accuracy_by_tag"].items())
+        print(f"[{summary['job']}] by tag: {by}")
     if "preference_accuracy" in metrics:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics["preference_accuracy_by_condition"].items())
         print(f"[{summary['job']}] held-out preference accuracy (implicit reward) {metrics['preference_accuracy']:.1%} ({by}), "

@@ -181,20 +181,26 @@ class SyntheticTask:
         return rows
 
     def preference_pairs(self, n: int, split: str = "train") -> list[dict]:
-        """`prompt` / `chosen` / `rejected` rows: right vs wrong (with work), concise vs worked (both right), refuse vs comply."""
+        """`prompt` / `chosen` / `rejected` rows: right vs wrong (with work), concise vs worked (both right), refuse vs comply.
+
+        Each row's `tag` names its kind of comparison (the wrong-answer ones by how far off the total is),
+        so `align rm` reports accuracy per kind, as reward-bench reports per subset.
+        """
         rng = random.Random(f"{self.seed}/pairs/{split}")
         rows = []
         for p in self.problems(n, split, salt="pairs"):
             if p.unsafe:
                 chosen, rejected = REFUSAL_TEXT, f"Sure, here is how to {p.messages[0]['content'].split('Please ', 1)[1].rstrip('.')}."
+                tag = "refuse_unsafe"
             elif p.condition == "harmless":
-                chosen, rejected = worked_solution(*p.operands), REFUSAL_TEXT
+                chosen, rejected, tag = worked_solution(*p.operands), REFUSAL_TEXT, "answer_safe"
             elif p.condition == "concise" and rng.random() < 0.5:  # among correct answers, shorter wins
-                chosen, rejected = concise_solution(*p.operands), worked_solution(*p.operands)
+                chosen, rejected, tag = concise_solution(*p.operands), worked_solution(*p.operands), "shorter_correct"
             else:  # correct beats wrong; shown with work so the error is checkable from the text
-                chosen = worked_solution(*p.operands)
-                rejected = chosen.rsplit("Final Answer: ", 1)[0] + f"Final Answer: {wrong_total(rng, p.answer)}"
-            rows.append({"prompt": [*map(dict, p.messages)], "chosen": chosen, "rejected": rejected, "condition": p.condition})
+                chosen, wrong = worked_solution(*p.operands), wrong_total(rng, p.answer)
+                rejected = chosen.rsplit("Final Answer: ", 1)[0] + f"Final Answer: {wrong}"
+                tag = f"final_answer_off_by_{abs(wrong - p.answer)}"
+            rows.append({"prompt": [*map(dict, p.messages)], "chosen": chosen, "rejected": rejected, "condition": p.condition, "tag": tag})
         return rows
 
     def rl_prompts(self, n: int, split: str = "train") -> list[dict]:

@@ -1,8 +1,9 @@
 """Comparison rows → tokenised (chosen, rejected) pairs for the reward model.
 
-Rows are `{"prompt": messages | str, "chosen": str | messages, "rejected": ..., "condition", "margin"}`,
+Rows are `{"prompt": messages | str, "chosen": str | messages, "rejected": ..., "condition", "margin", "tag"}`,
 or TRL's implicit-prompt form where `chosen`/`rejected` are whole conversations sharing a prefix.
 Pairs longer than max_length follow the bad-row policy (TRL drops them silently; we do not).
+An optional string `tag` names the kind of comparison; evaluation reports accuracy per tag.
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ class Pair:
     condition: str | None
     margin: float = 0.0
     origin: str = ""
+    tag: str | None = None
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
 
 
-def parse_comparison(raw: Any, origin: str, row: int) -> tuple[list[dict], str, str, str | None, float]:
-    """A preference row (see `data_builders.preference_data.parse_preference`) plus its optional margin."""
+def parse_comparison(raw: Any, origin: str, row: int) -> tuple[list[dict], str, str, str | None, float, str | None]:
+    """A preference row (see `data_builders.preference_data.parse_preference`) plus its optional margin and tag."""
     prompt, chosen, rejected, condition = parse_preference(raw, origin, row)
     margin = raw.get("margin") or 0.0
-    if not isinstance(margin, (int, float)):
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise BadRowError(origin, row, "margin", f"expected a number, got {type(margin).__name__}")
-    return prompt, chosen, rejected, condition, float(margin)
+    tag = raw.get("tag")
+    if tag is not None and not isinstance(tag, str):
+        raise BadRowError(origin, row, "tag", f"expected a string, got {type(tag).__name__}")
+    return prompt, chosen, rejected, condition, float(margin), tag
 
 
 def build_pairs(
@@ -54,7 +59,7 @@ def build_pairs(
     for source in sources:
         for origin, row, raw in preference_rows(source, data, policy, split):
             try:
-                prompt, chosen, rejected, condition, margin = parse_comparison(raw, origin, row)
+                prompt, chosen, rejected, condition, margin, tag = parse_comparison(raw, origin, row)
                 try:
                     ids = [render_for_reward(tokenizer, conditions, condition, prompt, r, reward_token_id) for r in (chosen, rejected)]
                 except UnknownConditionError as err:
@@ -64,7 +69,7 @@ def build_pairs(
             except BadRowError as err:
                 policy.handle(err, raw)
                 continue
-            pairs.append(Pair(ids[0], ids[1], condition, margin, f"{origin}:{row}"))
+            pairs.append(Pair(ids[0], ids[1], condition, margin, f"{origin}:{row}", tag))
     if not pairs:
         raise ValueError(f"no usable {split} comparison pairs (see quarantine.jsonl)")
     return pairs

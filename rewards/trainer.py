@@ -35,20 +35,21 @@ class PairBatch:
     rows: PairRows
     margins: torch.Tensor
     conditions: list[str | None]
+    tags: list[str | None]
 
     @property
     def num_tokens(self) -> int:
         return self.rows.num_tokens
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(self.rows.to(device), self.margins.to(device), self.conditions)
+        return PairBatch(self.rows.to(device), self.margins.to(device), self.conditions, self.tags)
 
 
 def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int, share_prefix: bool = True) -> PairBatch:
     """Each row's pairs as shared-prefix units (or, without sharing, as two packed documents each)."""
     pair_rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in rows], pad_id, share_prefix)
     pairs = [p for row in rows for p in row]
-    return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs])
+    return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs], [p.tag for p in pairs])
 
 
 def resolve_share_prefix(setting: bool | None, attn_implementation: str) -> bool:
@@ -123,7 +124,7 @@ class RMTrainer(Trainer):
 
     @torch.no_grad()
     def final_metrics(self) -> dict[str, Any]:
-        """Pairwise accuracy overall and per condition, score mean/std per condition, share near the barrier."""
+        """Pairwise accuracy overall, per condition and per tag; score mean/std per condition; share near the barrier."""
         if not self.eval_rows:
             return {}
         engine, cfg = self.engine, self.recipe.reward
@@ -134,20 +135,26 @@ class RMTrainer(Trainer):
             batch = self.collate(row_ids, "eval")
             chosen, rejected = self.scores(model, batch.to(engine.device))
             if real:
-                records += [(c or "default", a, b) for c, a, b in zip(batch.conditions, chosen.tolist(), rejected.tolist())]
+                records += zip([c or "default" for c in batch.conditions], batch.tags, chosen.tolist(), rejected.tolist(), strict=True)
         records = gather_object(records) if engine.world_size > 1 else records
         by: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for condition, a, b in records:
+        by_tag: dict[str, list[bool]] = defaultdict(list)
+        for condition, tag, a, b in records:
             by[condition].append((a, b))
-        all_scores = [s for _, a, b in records for s in (a, b)]
+            if tag is not None:
+                by_tag[tag].append(a > b)
+        all_scores = [s for *_, a, b in records for s in (a, b)]
         stats = {c: {"mean": statistics.fmean(s for p in v for s in p), "std": statistics.pstdev(s for p in v for s in p)} for c, v in by.items()}
         metrics = {
-            "accuracy": sum(a > b for _, a, b in records) / len(records),
+            "accuracy": sum(a > b for *_, a, b in records) / len(records),
             "accuracy_by_condition": {c: sum(a > b for a, b in v) / len(v) for c, v in sorted(by.items())},
             "reward_stats": stats,
             "near_barrier_share": sum(abs(s) >= cfg.near_barrier * cfg.bound for s in all_scores) / len(all_scores),
             "eval_pairs": len(records),
         }
+        if by_tag:  # which kinds of comparison the model gets wrong (reward-bench reports per subset)
+            metrics["accuracy_by_tag"] = {t: sum(v) / len(v) for t, v in sorted(by_tag.items())}
+            metrics["eval_pairs_by_tag"] = {t: len(v) for t, v in sorted(by_tag.items())}
         if engine.is_main:  # normalisation constants travel with the model (used at RLHF time)
             (engine.run_dir / "model" / "reward_stats.json").write_text(json.dumps({"conditions": cfg.conditions, "stats": stats}, indent=2))
         return metrics

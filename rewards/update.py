@@ -33,7 +33,7 @@ def comparison_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase, condi
     pairs = []
     for i, raw in enumerate(rows):
         try:
-            prompt, chosen, rejected, condition, margin = parse_comparison(raw, origin, i)
+            prompt, chosen, rejected, condition, margin, tag = parse_comparison(raw, origin, i)
             try:
                 ids = [render_for_reward(tokenizer, conditions, condition, prompt, r, reward_token_id) for r in (chosen, rejected)]
             except UnknownConditionError as err:

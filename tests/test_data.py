@@ -117,3 +117,18 @@ def test_synthetic_heldout_is_disjoint_and_verifiable():
         assert task.score(p, "Final Answer: -1") == 0.0
     conditions = {r["condition"] for r in task.preference_pairs(12)}
     assert conditions == {"math", "concise", "harmless"}
+
+
+def test_synthetic_pair_tags_name_what_differs():
+    rows = SyntheticTask(seed=1, digits=2).preference_pairs(300, "heldout")
+    for row in rows:
+        tag, chosen, rejected = row["tag"], row["chosen"], row["rejected"]
+        if tag.startswith("final_answer_off_by_"):
+            answer = lambda text: int(text.rsplit("Final Answer: ", 1)[1])  # noqa: E731
+            assert abs(answer(chosen) - answer(rejected)) == int(tag.rsplit("_", 1)[1])
+            assert chosen.rsplit("Final Answer: ", 1)[0] == rejected.rsplit("Final Answer: ", 1)[0]  # same work
+        elif tag == "shorter_correct":
+            assert len(chosen) < len(rejected) and row["condition"] == "concise"
+        else:
+            assert row["condition"] == "harmless" and tag in ("refuse_unsafe", "answer_safe")
+    assert {r["tag"] for r in rows} >= {"final_answer_off_by_1", "final_answer_off_by_10", "final_answer_off_by_100", "shorter_correct"}

@@ -98,7 +98,14 @@ def test_unknown_condition_names_the_row(tmp_path, tokenizer):
 
 def test_implicit_prompt_and_identical_pairs():
     conv = lambda a: [*PROMPT, {"role": "assistant", "content": a}]  # noqa: E731
-    prompt, chosen, rejected, _, _ = parse_comparison({"chosen": conv("42"), "rejected": conv("41")}, "f", 1)
+    prompt, chosen, rejected, _, _, _ = parse_comparison({"chosen": conv("42"), "rejected": conv("41")}, "f", 1)
     assert prompt == PROMPT and (chosen, rejected) == ("42", "41")
     with pytest.raises(BadRowError, match="identical to chosen"):
         parse_comparison({"prompt": "q", "chosen": "a", "rejected": "a"}, "f", 2)
+
+
+def test_tag_is_optional_text_and_a_bad_one_names_row_and_field():
+    assert parse_comparison({"prompt": "q", "chosen": "a", "rejected": "b", "tag": "style"}, "f", 1)[5] == "style"
+    assert parse_comparison({"prompt": "q", "chosen": "a", "rejected": "b"}, "f", 1)[5] is None
+    with pytest.raises(BadRowError, match=r"f: row 3: field .tag.: expected a string, got int"):
+        parse_comparison({"prompt": "q", "chosen": "a", "rejected": "b", "tag": 7}, "f", 3)

@@ -55,7 +55,13 @@ def test_rm_two_rank_zero3(tmp_path, sft_checkpoint):
     proc = run(cmd + rm_overrides(out, sft_checkpoint, steps=3), tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["deepspeed"] and summary["metrics"]["eval_pairs"] == 30
+    metrics = summary["metrics"]
+    assert summary["world_size"] == 2 and summary["deepspeed"] and metrics["eval_pairs"] == 30
+    # the synthetic pairs' tags, gathered from both ranks: counts add up, and tag accuracies re-average to the overall one
+    counts, by_tag = metrics["eval_pairs_by_tag"], metrics["accuracy_by_tag"]
+    assert set(counts) == set(by_tag) and {"refuse_unsafe", "answer_safe"} <= set(counts) and sum(counts.values()) == 30
+    assert abs(sum(by_tag[t] * n for t, n in counts.items()) / 30 - metrics["accuracy"]) < 1e-9
+    assert "by tag:" in proc.stdout
     assert proc.stdout.count("pairwise accuracy") == 1  # one report per job
 
 
