@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from align.config import ConfigError, EvalConfig, ModelConfig, RewardConfig, RunRecipe, load_recipe
+from align.model_paths import MAKE_RM, check_model_path
 
 if TYPE_CHECKING:
     from align.rollout.generation import Generator
@@ -125,13 +124,18 @@ def gather(items: list, world_size: int) -> list:
 
     if PartialState().distributed_type != DistributedType.NO:
         return gather_object(items)
+    import torch.distributed
+
     parts: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
 
 
-def _missing(path: str) -> bool:
-    return (path.startswith((".", "/", "runs/")) or path.count("/") > 1) and not Path(path).exists()
+def torch_no_grad() -> Any:
+    """`torch.no_grad()`, imported when used: the CLI imports this module to register `align bon`."""
+    import torch
+
+    return torch.no_grad()
 
 
 def validate(recipe: BoNRecipe) -> None:
@@ -146,21 +150,18 @@ def validate(recipe: BoNRecipe) -> None:
         raise ConfigError("bon.routes is empty; the default scores every condition by the reward model: {default: {rm: 1.0}}")
     if uses_rm and bon.reward_model is None:
         raise ConfigError("bon.routes use 'rm' but bon.reward_model is null; give a reward model or routes without 'rm'")
-    if _missing(recipe.model.name_or_path):
-        hint = " Make it with `align sft --config configs/sft/quickstart.yaml`." if "sft" in recipe.model.name_or_path else ""
-        raise FileNotFoundError(f"model.name_or_path {recipe.model.name_or_path!r} does not exist.{hint}")
-    if uses_rm and _missing(bon.reward_model):
-        raise FileNotFoundError(f"bon.reward_model {bon.reward_model!r} does not exist. Make it with "
-                                "`align rm --config configs/rm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`).")  # fmt: skip
+    check_model_path(recipe.model.name_or_path)
+    if uses_rm:
+        check_model_path(bon.reward_model, "bon.reward_model", MAKE_RM)
 
 
 class BestOfN:
     """Sample once, score every sample with the router, pick per N; `generator()` is the seam tests replace."""
 
     def __init__(self, recipe: BoNRecipe):
+        validate(recipe)  # before torch and accelerate load: a bad recipe fails at once
         from align.engine.core import Engine
 
-        validate(recipe)
         self.recipe, self.bon = recipe, recipe.bon
         self.engine = Engine.create(recipe)
 
@@ -208,9 +209,14 @@ class BestOfN:
         chunks = [list(range(s, min(s + size, total))) for s in range(0, total, size)]
         return [(c, chunks[c]) for c in range(self.engine.rank, len(chunks), self.engine.world_size)]
 
-    @torch.no_grad()
     def sample_and_score(self) -> tuple[list[dict], dict[str, float]]:
         """This rank's prompts with their samples and router scores, then every rank's, gathered and in prompt order."""
+        with torch_no_grad():
+            return self._sample_and_score()
+
+    def _sample_and_score(self) -> tuple[list[dict], dict[str, float]]:
+        import torch
+
         from align.rollout.collect import collect_rollouts
         from align.rollout.generation import SamplingParams
         from data_builders.synthetic import SyntheticTask

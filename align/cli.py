@@ -6,9 +6,12 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from align.config import ConfigError, SFTRecipe, load_recipe
+from align.config import ConfigError, MPORecipe, RLHFRecipe, RMRecipe, SFTRecipe, load_recipe
+from align.model_paths import MAKE_RM, check_model_path
 
 
 def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -16,36 +19,49 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
 
 
-def _train(trainer_cls: type, args: argparse.Namespace) -> int:
+def _train(recipe: Any, load_trainer: Callable[[], type]) -> int:
+    """Run one job; the recipe and the model path are checked before torch and the trainer load, so such errors are instant."""
+    check_model_path(recipe.model.name_or_path)
     from align.runner import run_job
 
-    summary = run_job(trainer_cls, load_recipe(trainer_cls.recipe_type, args.config, args.overrides))
+    summary = run_job(load_trainer(), recipe)
     if os.environ.get("RANK", "0") == "0":  # one report per job, not per rank
         _print_result(summary)
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
+def _sft_trainer() -> type:
     from align.trainers.sft import SFTTrainer
 
-    return _train(SFTTrainer, args)
+    return SFTTrainer
+
+
+def _rm_trainer() -> type:
+    from rewards.trainer import RMTrainer
+
+    return RMTrainer
+
+
+def _mpo_trainer() -> type:
+    from align.trainers.mpo import MPOTrainer
+
+    return MPOTrainer
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    return _train(load_recipe(SFTRecipe, args.config, args.overrides), _sft_trainer)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from rewards.trainer import RMTrainer
-
-    return _train(RMTrainer, args)
+    return _train(load_recipe(RMRecipe, args.config, args.overrides), _rm_trainer)
 
 
 def cmd_mpo(args: argparse.Namespace) -> int:
     """One MPO job, or online MPO's rounds when `mpo.sampled_pairs.rounds` > 1."""
-    from align.config import MPORecipe
-
     recipe = load_recipe(MPORecipe, args.config, args.overrides)
     if recipe.mpo.sampled_pairs.rounds <= 1:
-        from align.trainers.mpo import MPOTrainer
-
-        return _train(MPOTrainer, args)
+        return _train(recipe, _mpo_trainer)
+    check_model_path(recipe.model.name_or_path)
     from align.trainers.online_mpo import run_online_mpo
 
     summary = run_online_mpo(recipe)
@@ -59,10 +75,12 @@ def cmd_mpo(args: argparse.Namespace) -> int:
 
 
 def cmd_rlhf(args: argparse.Namespace) -> int:
-    from align.config import RLHFRecipe
+    recipe = load_recipe(RLHFRecipe, args.config, args.overrides)
+    check_model_path(recipe.model.name_or_path)
+    check_model_path(recipe.ppo.reward_model, "ppo.reward_model", MAKE_RM)
     from align.trainers.rlhf import run_rlhf
 
-    summary = run_rlhf(load_recipe(RLHFRecipe, args.config, args.overrides))
+    summary = run_rlhf(recipe)
     if os.environ.get("RANK", "0") == "0":
         m = summary["metrics"]
         if "reward_before" in m:

@@ -7,7 +7,10 @@ The condition prompt goes to the reward model only; the policy never sees it.
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_CONDITIONS = {
     "math": "You are a careful math grader. Prefer responses whose final answer is correct.",

@@ -13,7 +13,6 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from accelerate.utils import gather_object
 from align.config import RMRecipe
 from align.engine.models import load_tokenizer
 from align.engine.plan import eval_micro_batches
+from align.model_paths import check_model_path
 from align.trainers.base import Trainer
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pairs
@@ -57,13 +57,6 @@ def resolve_share_prefix(setting: bool | None, attn_implementation: str) -> bool
     if setting is None:
         return attn_implementation in ("sdpa", "eager")
     return setting
-
-
-def check_model_path(name: str) -> None:
-    """A missing local checkpoint gets the command that makes it, not a hub 404."""
-    if (name.startswith((".", "/", "runs/")) or name.count("/") > 1) and not Path(name).exists():
-        hint = " Make it with `align sft --config configs/sft/quickstart.yaml`." if "sft" in name else ""
-        raise FileNotFoundError(f"model.name_or_path {name!r} does not exist.{hint} Or point model.name_or_path at a hub name or local model.")
 
 
 class RMTrainer(Trainer):

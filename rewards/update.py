@@ -43,7 +43,7 @@ def comparison_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase, condi
         except BadRowError as err:
             policy.handle(err, raw)
             continue
-        pairs.append(Pair(ids[0], ids[1], condition, margin, f"{origin}:{i}"))
+        pairs.append(Pair(ids[0], ids[1], condition, margin, f"{origin}:{i}", tag))
     return pairs
 
 

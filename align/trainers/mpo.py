@@ -30,6 +30,7 @@ from align.evaluation import load_prompts, task_accuracy
 from align.losses import get_loss
 from align.losses.logprobs import hidden_states, logprobs_of
 from align.losses.preference import PreferenceInputs, RunningMean
+from align.model_paths import check_model_path
 from align.rollout.generation import SamplingParams
 from align.trainers.base import Trainer
 from align.trainers.policy_samples import buffer_counts, gather_rows, sample_rollouts, sum_over_ranks
@@ -38,7 +39,7 @@ from data_builders.bad_rows import BadRowPolicy
 from data_builders.pair_builders import GeneratedSample, dropout_ntp_pairs
 from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs
 from data_builders.preference_data import PreferencePair, build_preference_pairs
-from rewards.trainer import check_model_path, resolve_share_prefix
+from rewards.trainer import resolve_share_prefix
 
 
 @dataclass

@@ -45,6 +45,7 @@ from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen, 
 from align.evaluation import load_prompts
 from align.losses.logprobs import target_logprobs
 from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
+from align.model_paths import MAKE_RM, check_model_path
 from align.rollout.buffer import RolloutBuffer
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
@@ -57,7 +58,6 @@ from data_builders.sft_data import build_samples
 from data_builders.synthetic import SyntheticTask
 from rewards.model import load_reward_model
 from rewards.router import RewardRouter
-from rewards.trainer import check_model_path
 from rewards.update import comparison_pairs, read_comparison_files, update_reward_model
 
 RM_FILE = "reward_model.safetensors"
@@ -114,9 +114,7 @@ class RLHFTrainer:
     def setup(self) -> None:
         recipe, ppo, engine = self.recipe, self.ppo, self.engine
         check_model_path(recipe.model.name_or_path)
-        if not Path(ppo.reward_model).exists() and ppo.reward_model.startswith(("runs/", "./", "/")):
-            raise FileNotFoundError(f"ppo.reward_model {ppo.reward_model!r} does not exist. Make it with "
-                                    "`align rm --config configs/rm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`).")  # fmt: skip
+        check_model_path(ppo.reward_model, "ppo.reward_model", MAKE_RM)
         self.tokenizer = tok = load_tokenizer(recipe.model)
         actor = load_causal_lm(recipe.model, tok, torch.float32, seed=recipe.train.seed)
         rm_cfg = ModelConfig(name_or_path=ppo.reward_model, trust_remote_code=recipe.model.trust_remote_code,

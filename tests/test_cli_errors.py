@@ -1,0 +1,43 @@
+"""Recipe and path mistakes fail at once: exit 2 and a message naming the key or path, before torch is imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, run_env
+
+PROBE = """
+import contextlib, io, json, sys
+from align.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    out.append([code, err.getvalue()])
+print(json.dumps({"results": out, "torch_imported": "torch" in sys.modules}))
+"""
+
+CASES = [
+    (["sft", "--config", "configs/sft/quickstart.yaml", "--set", "optim.lrr=1"], ["unknown key 'optim.lrr'", "did you mean 'optim.lr'"]),
+    (["rm", "--config", "configs/rm/quickstart.yaml", "--set", "model.name_or_path=runs/no-such-sft/model"],
+     ["model.name_or_path 'runs/no-such-sft/model' does not exist", "`align sft --config configs/sft/quickstart.yaml`"]),
+    (["mpo", "--config", "configs/mpo/online.yaml", "--set", "model.name_or_path=runs/no-such-sft/model"], ["does not exist"]),
+    (["rlhf", "--config", "configs/rlhf/quickstart.yaml", "--set", "ppo.reward_model=runs/no-such-rm/model"],
+     ["ppo.reward_model 'runs/no-such-rm/model' does not exist", "`align rm --config configs/rm/quickstart.yaml`"]),
+    (["bon", "--config", "configs/bon/quickstart.yaml", "--set", "bon.reward_model=runs/no-such-rm/model"],
+     ["bon.reward_model 'runs/no-such-rm/model' does not exist"]),
+]  # fmt: skip
+
+
+def test_bad_recipes_and_missing_models_fail_before_torch_loads(tmp_path):
+    argv = json.dumps([case for case, _ in CASES])
+    proc = subprocess.run([sys.executable, "-c", PROBE, argv], cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (code, stderr), (argv_case, expected) in zip(report["results"], CASES, strict=True):
+        assert code == 2, (argv_case, stderr)
+        assert all(text in stderr for text in expected), (argv_case, stderr)
+    assert not report["torch_imported"]
