@@ -61,8 +61,10 @@ def cmd_mpo(args: argparse.Namespace) -> int:
     recipe = load_recipe(MPORecipe, args.config, args.overrides)
     if recipe.mpo.sampled_pairs.rounds <= 1:
         return _train(recipe, _mpo_trainer)
+    from align.trainers.online_mpo import check_online, run_online_mpo
+
+    check_online(recipe)  # the rounds' settings first, then the model path, before torch loads
     check_model_path(recipe.model.name_or_path)
-    from align.trainers.online_mpo import run_online_mpo
 
     summary = run_online_mpo(recipe)
     if os.environ.get("RANK", "0") == "0":

@@ -25,14 +25,15 @@ CASES = [
     (["rm", "--config", "configs/rm/quickstart.yaml", "--set", "model.name_or_path=runs/no-such-sft/model"],
      ["model.name_or_path 'runs/no-such-sft/model' does not exist", "`align sft --config configs/sft/quickstart.yaml`"]),
     (["mpo", "--config", "configs/mpo/online.yaml", "--set", "model.name_or_path=runs/no-such-sft/model"], ["does not exist"]),
-    (["rlhf", "--config", "configs/rlhf/quickstart.yaml", "--set", "ppo.reward_model=runs/no-such-rm/model"],
+    (["rlhf", "--config", "configs/rlhf/quickstart.yaml", "--set", "model.name_or_path=builtin:tiny", "--set", "ppo.reward_model=runs/no-such-rm/model"],
      ["ppo.reward_model 'runs/no-such-rm/model' does not exist", "`align rm --config configs/rm/quickstart.yaml`"]),
-    (["bon", "--config", "configs/bon/quickstart.yaml", "--set", "bon.reward_model=runs/no-such-rm/model"],
+    (["bon", "--config", "configs/bon/quickstart.yaml", "--set", "model.name_or_path=builtin:tiny", "--set", "bon.reward_model=runs/no-such-rm/model"],
      ["bon.reward_model 'runs/no-such-rm/model' does not exist"]),
 ]  # fmt: skip
 
 
 def test_bad_recipes_and_missing_models_fail_before_torch_loads(tmp_path):
+    """Runs where `runs/` may or may not exist (a fresh clone has none): each case names what it checks."""
     argv = json.dumps([case for case, _ in CASES])
     proc = subprocess.run([sys.executable, "-c", PROBE, argv], cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
