@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import ENV, REPO  # noqa: E402
+from sft_vs_trl import ENV, REPO, run_json_process  # noqa: E402
 
 PHASES = ("generate", "score", "experience", "train")
 QUICKSTART = REPO / "configs" / "rlhf" / "quickstart.yaml"
@@ -285,14 +284,8 @@ def run_worker(args: argparse.Namespace, kind: str, ckpt_file: Path, out: Path, 
                  "--gen-repeats", str(args.gen_repeats), "--threads", str(args.threads), "--seed", str(args.seed),
                  "--zero3-split" if args.zero3_split else "--no-zero3-split"]  # fmt: skip
     cmd = [sys.executable, *script, *forwarded, "--worker", kind, "--ckpt", str(ckpt_file), "--out", str(out)]
-    print(f"--- {label} ...", end=" ", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.exists():
-        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
-        raise SystemExit(f"{kind} worker failed with exit code {proc.returncode}")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - started
+    result, seconds = run_json_process(cmd, label, out, f"{kind} worker")
+    result["process_s"] = seconds
     print(f"done in {result['process_s']:.0f} s (setup {result['setup_s']:.0f} s)", flush=True)
     return result
 

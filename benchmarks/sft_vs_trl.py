@@ -221,19 +221,27 @@ def spawn(args: argparse.Namespace, side: str, trl_config: str, work: Path) -> d
     return run_child(__file__, ["--steps", str(args.steps), "--child", side, "--trl-config", trl_config], label, work / f"{side}-{trl_config}.json")
 
 
-def run_child(script: str, extra: list[str], label: str, out: Path) -> dict[str, Any]:
-    """Run one benchmark side in its own process (its own peak RSS) and read the JSON it writes to `out`."""
-    argv = [a for a in sys.argv[1:] if a != "--quick"]
-    cmd = [sys.executable, script, *argv, *extra, "--out", str(out)]
-    side = extra[extra.index("--child") + 1]
+def run_json_process(cmd: list[str], label: str, out: Path, name: str) -> tuple[dict[str, Any], float]:
+    """Run one benchmark process (its own peak RSS, its own process group) and read the JSON it writes to `out`.
+
+    Prints `--- label ...`; on failure prints the process's output tails and stops the benchmark naming `name`.
+    Returns the JSON and the process's wall seconds; the caller finishes the line.
+    """
     print(f"--- {label} ...", end=" ", flush=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
-        raise SystemExit(f"{side} child failed with exit code {proc.returncode}")
-    result = json.loads(out.read_text())
-    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
+        raise SystemExit(f"{name} failed with exit code {proc.returncode}")
+    return json.loads(out.read_text()), time.perf_counter() - started
+
+
+def run_child(script: str, extra: list[str], label: str, out: Path) -> dict[str, Any]:
+    """Run one benchmark side (this script with `--child SIDE`) and read its JSON."""
+    argv = [a for a in sys.argv[1:] if a != "--quick"]
+    side = extra[extra.index("--child") + 1]
+    result, seconds = run_json_process([sys.executable, script, *argv, *extra, "--out", str(out)], label, out, f"{side} child")
+    print(f"done in {seconds:.0f} s", flush=True)
     return result
 
 
