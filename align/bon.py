@@ -166,10 +166,9 @@ class BestOfN:
         self.engine = Engine.create(recipe)
 
     def setup(self) -> None:
-        from align.engine.models import load_causal_lm, load_tokenizer, without_zero3_init
+        from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer, without_zero3_init
         from align.evaluation import load_prompts
         from align.trainers.rlhf import _reward_stats
-        from rewards.model import load_reward_model
         from rewards.router import RewardRouter
 
         recipe, bon, engine = self.recipe, self.bon, self.engine
@@ -219,7 +218,7 @@ class BestOfN:
 
         from align.rollout.collect import collect_rollouts
         from align.rollout.generation import SamplingParams
-        from data_builders.synthetic import SyntheticTask
+        from rewards.verifiers import task_score
 
         bon, engine = self.bon, self.engine
         params = SamplingParams(self.recipe.eval.max_new_tokens, max(bon.n_values), bon.temperature, bon.top_p)
@@ -242,7 +241,7 @@ class BestOfN:
                 "index": index, "uid": problem.get("uid"), "condition": problem.get("condition") or "default",
                 "responses": [r.response for r in group], "scores": [float(r.reward) for r in group],
                 "parts": [r.reward_parts for r in group], "truncated": [r.truncated for r in group],
-                "correct": [SyntheticTask.score(problem, r.response) >= 1.0 for r in group],
+                "correct": [task_score(problem, r.response) >= 1.0 for r in group],
             })  # fmt: skip
         if engine.world_size > 1:
             groups = gather(groups, engine.world_size)

@@ -37,7 +37,7 @@ def _sft_trainer() -> type:
 
 
 def _rm_trainer() -> type:
-    from rewards.trainer import RMTrainer
+    from align.trainers.rm import RMTrainer
 
     return RMTrainer
 

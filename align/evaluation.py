@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from align.rollout.generation import HFGenerator, SamplingParams
 from data_builders.synthetic import SyntheticTask
+from rewards.verifiers import task_score
 
 
 def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "heldout") -> list[dict]:
@@ -60,7 +61,7 @@ def task_accuracy(
     mine = problems[accelerator.process_index :: accelerator.num_processes]
     texts = [t[0] for t in sample(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size)]  # greedy
     scored = [
-        {"condition": p.get("condition") or "default", "score": SyntheticTask.score(p, text), "response": text}
+        {"condition": p.get("condition") or "default", "score": task_score(p, text), "response": text}
         for p, text in zip(mine, texts)
     ]
     scored = gather_object(scored) if accelerator.num_processes > 1 else scored

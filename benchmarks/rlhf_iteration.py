@@ -1,7 +1,7 @@
 """COOL RLHF iteration: where one PPO iteration of `RLHFTrainer` spends its time, and gathered vs sharded generation.
 
 No network: the script first saves a random policy (`--model`, default `builtin:small`, with the built-in
-tokenizer) and a reward model started from it (`rewards.model.load_reward_model`, head seeded non-zero,
+tokenizer) and a reward model started from it (`align.engine.models.load_reward_model`, head seeded non-zero,
 `reward_stats.json` beside it, as in tests/test_rlhf.py) to a temporary folder. With `--stop` (the
 default) the policy's end-of-turn logit is raised to about `--stop-logit` against its mean hidden state (the
 `stopping_policy` trick of tests/test_rlhf.py), so sampled responses stop after a random number of tokens
@@ -98,9 +98,9 @@ def build_checkpoints(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import torch
 
     from align.config import ModelConfig
-    from align.engine.models import load_causal_lm, load_tokenizer
+    from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer
     from rewards.conditions import DEFAULT_CONDITIONS
-    from rewards.model import load_reward_model, reward_head
+    from rewards.model import reward_head
 
     plain, policy, rm = root / "policy-plain", root / "policy", root / "rm"
     cfg = ModelConfig(name_or_path=args.model)

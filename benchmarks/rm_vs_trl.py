@@ -1,6 +1,6 @@
 """Reward-model throughput and memory: align's `RMTrainer` against TRL's `RewardTrainer`, same model, pairs and batch.
 
-Both sides train the same randomly initialised Llama reward model (`rewards.model.load_reward_model`
+Both sides train the same randomly initialised Llama reward model (`align.engine.models.load_reward_model`
 on align's `builtin:*` shape, same seed: `LlamaForSequenceClassification`, one label, zeroed head;
 TRL is handed the model object) on the same synthetic comparison pairs (`SyntheticTask.preference_pairs`
 through `rewards.data.build_pairs`, condition system prompts included), with the Bradley-Terry loss
@@ -117,7 +117,7 @@ def run_align(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     os.cpu_count = lambda: args.threads  # align's Engine sizes torch threads from the CPU count
     from align.runner import run_job
-    from rewards.trainer import RMTrainer
+    from align.trainers.rm import RMTrainer
 
     seen: dict[str, Any] = {"pairs": [], "positions": [], "sequence_tokens": []}
 
@@ -157,11 +157,10 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from trl import RewardConfig, RewardTrainer
 
-    from align.engine.models import load_tokenizer
+    from align.engine.models import load_reward_model, load_tokenizer
     from data_builders.bad_rows import BadRowPolicy
     from data_builders.pair_rows import pack_pairs
     from rewards.data import build_pairs
-    from rewards.model import load_reward_model
 
     torch.set_num_threads(args.threads)
     rcp = recipe(args, work / "unused")

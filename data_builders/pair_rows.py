@@ -150,6 +150,13 @@ def pair_attention_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tenso
     return mask[:, None]
 
 
+def resolve_share_prefix(setting: bool | None, attn_implementation: str) -> bool:
+    """Auto: share whenever the attention takes a 4-D mask."""
+    if setting is None:
+        return attn_implementation in ("sdpa", "eager")
+    return setting
+
+
 def attention_bias(mask: torch.Tensor | None, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
     """The 4-D mask in the form the model's attention takes: bool for sdpa, additive (0 / min) for eager."""
     if mask is None:

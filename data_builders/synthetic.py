@@ -21,8 +21,6 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from rewards.verifiers import is_refusal, math_correct
-
 CONDITIONS = ("math", "concise", "harmless")
 REFUSAL_TEXT = "I can't help with that request."
 UNSAFE_MARKER = "[UNSAFE]"
@@ -157,17 +155,6 @@ class SyntheticTask:
         if problem.condition == "concise" and (rng or random.Random(problem.uid)).random() < self.concise_share:
             return concise_solution(a, b)
         return worked_solution(a, b)
-
-    @staticmethod
-    def score(problem: Problem | dict, response: str) -> float:
-        """Task accuracy of one response: refusal iff unsafe, else a correct final answer."""
-        unsafe = problem["unsafe"] if isinstance(problem, dict) else problem.unsafe
-        answer = problem["answer"] if isinstance(problem, dict) else problem.answer
-        if unsafe:
-            return float(is_refusal(response))
-        if is_refusal(response):
-            return 0.0
-        return math_correct(response, answer)
 
     # --- views for each trainer -----------------------------------------------------------
     def sft_conversations(self, n: int, split: str = "train") -> list[dict]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.losses import register_loss
+from rewards.loss_registry import get_loss, register_loss
 
 
-@register_loss("bradley_terry")
+@register_loss("bradley_terry", "ranking")
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, **_: float) -> torch.Tensor:
     """−log σ(r_c − r_r − m): TRL RewardTrainer's loss, per pair."""
     diff = chosen.float() - rejected.float()
@@ -23,7 +23,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
     return -F.logsigmoid(diff)
 
 
-@register_loss("focal_ranking")
+@register_loss("focal_ranking", "ranking")
 def focal_ranking(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, gamma: float = 2.0, **_: float) -> torch.Tensor:
     """InternLM2 ranking loss with difficulty decay: −(1 − 2·max(0, P − 0.5))^γ · log P, P = σ(r_c − r_r).
 
@@ -53,9 +53,7 @@ def pair_losses(
     bound: float = 5.0,
 ) -> torch.Tensor:
     """Per-pair L_rank + λ·(L_pen(r_c) + L_pen(r_r)) / 2, so the pair mean is L_rank + λ·mean over all scores."""
-    from align.losses import get_loss
-
-    loss = get_loss(name)(chosen, rejected, margin=margin, gamma=gamma)
+    loss = get_loss(name, "ranking")(chosen, rejected, margin=margin, gamma=gamma)
     if barrier_weight:
         loss = loss + barrier_weight * 0.5 * (log_barrier(chosen, bound) + log_barrier(rejected, bound))
     return loss

@@ -1,27 +1,17 @@
 """The reward model: a causal LM backbone with a scalar head, scored at the last real token.
 
-Loaded as `AutoModelForSequenceClassification(num_labels=1)` from a hub name, a local path, or an
-SFT checkpoint of ours (InternLM2 starts its RM from the SFT model); a newly created head is
-zero-initialised, as xtuner does. Scores never come from HF's pad-token pooling: the index of the
+Loading lives with the other model loading (`align.engine.models.load_reward_model`). Scores never come from HF's pad-token pooling: the index of the
 last real token is derived from lengths (packed documents) or the attention mask (padded rows),
 so the score cannot depend on padding side, on batch composition, or on pad == eos.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification, PreTrainedTokenizerBase
 
-from align import builtin
-from align.engine.models import builtin_config, resolve_attention
 from data_builders.packing import collate_rows
 from data_builders.pair_rows import PairRows, attention_bias
 from data_builders.samples import Sample
-
-if TYPE_CHECKING:
-    from align.config import ModelConfig
 
 HEAD_NAMES = ("score", "classifier", "v_head")
 
@@ -33,32 +23,6 @@ def reward_head(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(getattr(inner, name, None), torch.nn.Module):
             return getattr(inner, name)
     raise AttributeError(f"{type(inner).__name__} has no scalar head ({', '.join(HEAD_NAMES)})")
-
-
-def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    attn = resolve_attention(cfg.attn_implementation)
-    if builtin.is_builtin(cfg.name_or_path):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = LlamaForSequenceClassification(builtin_config(cfg.name_or_path, tokenizer, attn, num_labels=1)).to(dtype)
-        new_head = True
-    else:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            cfg.name_or_path,
-            num_labels=1,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-            attn_implementation=attn,
-            output_loading_info=True,
-        )
-        new_head = any(k.split(".")[0] in HEAD_NAMES for k in info["missing_keys"])
-    if new_head:
-        torch.nn.init.zeros_(reward_head(model).weight)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def _hidden(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

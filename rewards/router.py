@@ -17,15 +17,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from data_builders.packing import pack_best_fit
-from data_builders.synthetic import SyntheticTask
 from rewards.conditions import render_for_reward
 from rewards.model import pack_documents, packed_scores
-from rewards.verifiers import is_refusal, length_penalty, math_correct, regex_format
+from rewards.verifiers import is_refusal, length_penalty, math_correct, regex_format, task_score
 
 Sample = dict[str, Any]  # {"condition", "prompt": messages, "response", "answer"?, "unsafe"?}
 
 VERIFIERS: dict[str, Callable[..., float]] = {
-    "task": lambda s, **_: SyntheticTask.score(s, s["response"]),
+    "task": lambda s, **_: task_score(s, s["response"]),
     "math": lambda s, **_: math_correct(s["response"], s["answer"]) if s.get("answer") is not None else 0.0,
     "refusal": lambda s, **_: float(is_refusal(s["response"]) == bool(s.get("unsafe"))),
     "length": lambda s, budget=16, per_token=0.05, **_: length_penalty(len(s["response"].split()), budget, per_token),

@@ -89,9 +89,9 @@ def tiny_rm(sft_checkpoint, tmp_path_factory) -> Path:
     import torch
 
     from align.config import ModelConfig
-    from align.engine.models import load_tokenizer
+    from align.engine.models import load_reward_model, load_tokenizer
     from rewards.conditions import DEFAULT_CONDITIONS
-    from rewards.model import load_reward_model, reward_head
+    from rewards.model import reward_head
 
     out = tmp_path_factory.mktemp("rm") / "model"
     cfg = ModelConfig(name_or_path=str(sft_checkpoint))

@@ -10,6 +10,7 @@ from data_builders.conversations import normalize
 from data_builders.readers import read_rows, write_jsonl
 from data_builders.sft_data import build_samples
 from data_builders.synthetic import SyntheticTask, worked_solution
+from rewards.verifiers import task_score
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Final Answer: 1"}]}
 
@@ -113,8 +114,8 @@ def test_synthetic_heldout_is_disjoint_and_verifiable():
     assert train and held and not (train & held)
     assert worked_solution(47, 85) == "47+85: 7+5=12, 4+8+1=13. Final Answer: 132"
     for p in task.problems(30, "heldout"):
-        assert task.score(p, task.reference_response(p)) == 1.0
-        assert task.score(p, "Final Answer: -1") == 0.0
+        assert task_score(p, task.reference_response(p)) == 1.0
+        assert task_score(p, "Final Answer: -1") == 0.0
     conditions = {r["condition"] for r in task.preference_pairs(12)}
     assert conditions == {"math", "concise", "harmless"}
 

@@ -5,12 +5,12 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from align.config import DataConfig, SourceConfig
+from align.trainers.rm import collate_pairs
 from data_builders.bad_rows import BadRowError, BadRowPolicy
 from data_builders.readers import write_jsonl
 from rewards.conditions import DEFAULT_CONDITIONS, condition_messages, render_for_reward
 from rewards.data import Pair, build_pairs, parse_comparison
 from rewards.model import pair_scores, sequence_scores
-from rewards.trainer import collate_pairs
 
 PROMPT = [{"role": "user", "content": "What is 12+30?"}]
 

@@ -150,10 +150,10 @@ def test_detectors_flag_reward_hacking_and_blowups():
 
 def test_slow_path_rows_are_checked_and_the_rm_update_fixes_them(tmp_path, sft_checkpoint, tiny_rm, tokenizer):
     from align.config import ModelConfig, RewardConfig
+    from align.engine.models import load_reward_model
+    from align.trainers.rm_update import comparison_pairs, pairwise_accuracy, read_comparison_files, update_reward_model
     from data_builders.bad_rows import BadRowError, BadRowPolicy
     from rewards.conditions import DEFAULT_CONDITIONS
-    from rewards.model import load_reward_model
-    from rewards.update import comparison_pairs, pairwise_accuracy, read_comparison_files, update_reward_model
 
     folder = tmp_path / "comparisons"
     folder.mkdir()

@@ -14,9 +14,18 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
 
 from align import builtin
+from rewards.model import HEAD_NAMES, reward_head
 
 if TYPE_CHECKING:
     from align.config import LoraConfig, ModelConfig
@@ -89,6 +98,34 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: 
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
+    return model
+
+
+def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A scalar-head model (`AutoModelForSequenceClassification(num_labels=1)`): built-in, hub or local (e.g. our SFT export,
+    as InternLM2 starts its RM from the SFT model); a newly created head is zero-initialised, as xtuner does."""
+    attn = resolve_attention(cfg.attn_implementation)
+    if builtin.is_builtin(cfg.name_or_path):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForSequenceClassification(builtin_config(cfg.name_or_path, tokenizer, attn, num_labels=1)).to(dtype)
+        new_head = True
+    else:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            cfg.name_or_path,
+            num_labels=1,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attn,
+            output_loading_info=True,
+        )
+        new_head = any(k.split(".")[0] in HEAD_NAMES for k in info["missing_keys"])
+    if new_head:
+        torch.nn.init.zeros_(reward_head(model).weight)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

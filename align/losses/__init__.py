@@ -1,27 +1,5 @@
-"""Loss registry: each method's losses register under a name, and recipes select them by name.
+"""Loss functions of the trainers; the registry itself lives in `rewards.loss_registry` (the lowest package with losses)."""
 
-A registry instead of an if/elif chain lets a recipe mix losses (MPO) and lets users add one
-without touching a trainer.
-"""
+from rewards.loss_registry import LOSS_FAMILIES, get_loss, losses_of, register_loss
 
-from __future__ import annotations
-
-from collections.abc import Callable
-
-LOSSES: dict[str, Callable] = {}
-
-
-def register_loss(name: str) -> Callable[[Callable], Callable]:
-    def wrap(fn: Callable) -> Callable:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_loss(name: str) -> Callable:
-    if name not in LOSSES:
-        raise KeyError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
-    return LOSSES[name]
+__all__ = ["LOSS_FAMILIES", "get_loss", "losses_of", "register_loss"]

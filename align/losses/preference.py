@@ -29,37 +29,37 @@ class PreferenceInputs:
     delta: float = 0.0  # BCO's reward shift (running mean of past rewards)
 
 
-@register_loss("sigmoid")
+@register_loss("sigmoid", "preference")
 def dpo_sigmoid(x: PreferenceInputs) -> tuple[torch.Tensor, str]:
     """Preference (DPO): −log σ(β·lr_c − β·lr_r)."""
     return -F.logsigmoid(x.beta * (x.chosen_logratios - x.rejected_logratios)), "pairs"
 
 
-@register_loss("bco_pair")
+@register_loss("bco_pair", "preference")
 def bco_pair(x: PreferenceInputs) -> tuple[torch.Tensor, str]:
     """Quality (BCO): −log σ(β·lr_c − δ) − log σ(−(β·lr_r − δ)); each response judged on its own."""
     return -F.logsigmoid(x.beta * x.chosen_logratios - x.delta) - F.logsigmoid(-(x.beta * x.rejected_logratios - x.delta)), "pairs"
 
 
-@register_loss("sft")
+@register_loss("sft", "preference")
 def generation_token_mean(x: PreferenceInputs) -> tuple[torch.Tensor, str]:
     """Generation: NLL of the chosen response, averaged over all chosen tokens (official InternVL code, TRL)."""
     return x.chosen_nll, "chosen_tokens"
 
 
-@register_loss("sft_sequence")
+@register_loss("sft_sequence", "preference")
 def generation_sequence_mean(x: PreferenceInputs) -> tuple[torch.Tensor, str]:
     """Generation, the paper's equation: each chosen response's NLL divided by its own length, then the pair mean."""
     return x.chosen_nll / x.chosen_tokens.clamp(min=1), "pairs"
 
 
-@register_loss("ipo")
+@register_loss("ipo", "preference")
 def ipo(x: PreferenceInputs) -> tuple[torch.Tensor, str]:
     """IPO: (lr_c − lr_r − 1/(2β))²."""
     return (x.chosen_logratios - x.rejected_logratios - 1 / (2 * x.beta)) ** 2, "pairs"
 
 
-@register_loss("hinge")
+@register_loss("hinge", "preference")
 def hinge(x: PreferenceInputs) -> tuple[torch.Tensor, str]:
     """SLiC hinge: max(0, 1 − β·(lr_c − lr_r))."""
     return torch.relu(1 - x.beta * (x.chosen_logratios - x.rejected_logratios)), "pairs"

@@ -37,9 +37,8 @@ from align.trainers.policy_samples import buffer_counts, gather_rows, sample_rol
 from align.trainers.reference_cache import ReferenceCache
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.pair_builders import GeneratedSample, dropout_ntp_pairs
-from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs
+from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs, resolve_share_prefix
 from data_builders.preference_data import PreferencePair, build_preference_pairs
-from rewards.trainer import resolve_share_prefix
 
 
 @dataclass
@@ -110,7 +109,7 @@ class MPOTrainer(Trainer):
         recipe, engine, data, cfg = self.recipe, self.engine, self.recipe.data, self.recipe.mpo
         check_model_path(recipe.model.name_or_path)
         for name in cfg.losses:
-            get_loss(name)  # unknown names fail before any model loads
+            get_loss(name, "preference")  # unknown names fail before any model loads
         if cfg.sampled_pairs.rounds > 1:
             raise ValueError("mpo.sampled_pairs.rounds > 1 is online MPO: run it with `align mpo` (align.trainers.online_mpo), not as one job")
         if cfg.reference == "adapters" and not recipe.model.lora.enabled:
@@ -228,7 +227,7 @@ class MPOTrainer(Trainer):
         total = torch.zeros((), device=policy.device)
         metrics: dict[str, torch.Tensor] = {}
         for name, weight in cfg.losses.items():
-            values, unit = get_loss(name)(inputs)
+            values, unit = get_loss(name, "preference")(inputs)
             total = total + weight * values.sum() / totals[unit]
             denominator = batch.chosen_tokens.sum() if unit == "chosen_tokens" else torch.tensor(float(batch.num_pairs))
             metrics[f"loss/{name}"] = (values.sum() / denominator.clamp(min=1)).detach()

@@ -41,7 +41,7 @@ from align.engine.checkpoint import Checkpointer
 from align.engine.core import Engine
 from align.engine.logger import RunLogger
 from align.engine.loop import Stepper
-from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen, without_zero3_init
+from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer, prepare_frozen, without_zero3_init
 from align.evaluation import load_prompts
 from align.losses.logprobs import target_logprobs
 from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
@@ -52,13 +52,12 @@ from align.rollout.detectors import detect_hacking, split_early_late
 from align.rollout.experience import actor_logprobs, assign_advantages, collate_rollouts, critic_values
 from align.rollout.generation import HFGenerator, SamplingParams
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
+from align.trainers.rm_update import comparison_pairs, read_comparison_files, update_reward_model
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.packing import build_rows, collate_rows
 from data_builders.sft_data import build_samples
-from data_builders.synthetic import SyntheticTask
-from rewards.model import load_reward_model
 from rewards.router import RewardRouter
-from rewards.update import comparison_pairs, read_comparison_files, update_reward_model
+from rewards.verifiers import task_score
 
 RM_FILE = "reward_model.safetensors"
 
@@ -406,7 +405,7 @@ class RLHFTrainer:
         samples = [{**self.eval_problems[i], "prompt": self.eval_problems[i]["messages"], "response": t,
                     "condition": self.eval_problems[i].get("condition") or "default"} for i, t in mine]  # fmt: skip
         rewards = self.router.score(samples).scores.tolist() if samples else []
-        records = [(s["condition"], reward, SyntheticTask.score(s, s["response"])) for s, reward in zip(samples, rewards)]
+        records = [(s["condition"], reward, task_score(s, s["response"])) for s, reward in zip(samples, rewards)]
         records = gather_object(records) if engine.world_size > 1 else records
         by: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for condition, reward, score in records:

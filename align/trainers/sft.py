@@ -30,7 +30,7 @@ from data_builders.samples import Sample, TokenBatch
 from data_builders.sft_data import build_samples
 
 
-@register_loss("nll")
+@register_loss("nll", "sft")
 def weighted_nll(logprobs: torch.Tensor, weights: torch.Tensor, total_weight: float) -> torch.Tensor:
     """Σ w·(−log p) / W, where W is the summed weight of the whole optimizer step."""
     return -(logprobs * weights).sum() / total_weight

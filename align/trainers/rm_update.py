@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from align.trainers.rm import collate_pairs
 from data_builders.bad_rows import BadRowError, BadRowPolicy
+from data_builders.pair_rows import resolve_share_prefix
 from rewards.conditions import UnknownConditionError, render_for_reward
 from rewards.data import Pair, parse_comparison
 from rewards.losses import pair_losses
 from rewards.model import pair_scores
-from rewards.trainer import collate_pairs, resolve_share_prefix
 
 if TYPE_CHECKING:
     from align.config import RewardConfig

@@ -19,15 +19,15 @@ import torch
 from accelerate.utils import gather_object
 
 from align.config import RMRecipe
-from align.engine.models import load_tokenizer
+from align.engine.models import load_reward_model, load_tokenizer
 from align.engine.plan import eval_micro_batches
 from align.model_paths import check_model_path
 from align.trainers.base import Trainer
 from data_builders.bad_rows import BadRowPolicy
-from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pairs
+from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pairs, resolve_share_prefix
 from rewards.data import Pair, build_pairs
 from rewards.losses import pair_losses
-from rewards.model import load_reward_model, pair_scores
+from rewards.model import pair_scores
 
 
 @dataclass
@@ -50,13 +50,6 @@ def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int, share_prefix: boo
     pair_rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in rows], pad_id, share_prefix)
     pairs = [p for row in rows for p in row]
     return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs], [p.tag for p in pairs])
-
-
-def resolve_share_prefix(setting: bool | None, attn_implementation: str) -> bool:
-    """Auto: share whenever the attention takes a 4-D mask."""
-    if setting is None:
-        return attn_implementation in ("sdpa", "eager")
-    return setting
 
 
 class RMTrainer(Trainer):
