@@ -71,12 +71,12 @@ class PairRows:
     num_tokens: int  # non-padding positions fed to the model
     sequence_tokens: int  # tokens of chosen + rejected as separate sequences (what a peer feeds)
 
-    def ends(self) -> torch.Tensor:
-        """(2·pairs, 2) of (row, index of the last token): chosen at even, rejected at odd entries."""
+    def ends(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(2·pairs, 2) of (row, index of the last token): chosen at even, rejected at odd entries; made on `device`."""
         out = []
         for s in self.spans:
             out += [(s.row, s.start + s.prefix + s.chosen - 1), (s.row, s.start + s.prefix + s.chosen + s.rejected - 1)]
-        return torch.tensor(out, dtype=torch.long)
+        return torch.tensor(out, dtype=torch.long, device=device)
 
     def to(self, device: torch.device | str) -> PairRows:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None

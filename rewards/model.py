@@ -59,7 +59,7 @@ def packed_scores(model: torch.nn.Module, input_ids: torch.Tensor, position_ids:
 
 def pair_scores(model: torch.nn.Module, rows: PairRows) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores of shared-prefix (or plain packed) pair rows."""
-    scores = packed_scores(model, rows.input_ids, rows.position_ids, rows.ends().to(rows.input_ids.device), rows.attention_mask)
+    scores = packed_scores(model, rows.input_ids, rows.position_ids, rows.ends(rows.input_ids.device), rows.attention_mask)
     return scores[0::2], scores[1::2]
 
 

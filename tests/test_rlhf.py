@@ -238,3 +238,40 @@ def test_zero3_two_ranks_with_different_response_lengths(tmp_path, stopping_poli
     state = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def test_a_nan_ppo_step_is_skipped_and_counted_and_k_in_a_row_stop_without_a_checkpoint(tmp_path, sft_checkpoint, tiny_rm, monkeypatch):
+    """PPO goes through the same guarded step as every trainer: a NaN importance-ratio loss skips that optimizer step on
+    every rank (weights untouched, count kept), the other steps apply, and `train.max_bad_steps` in a row stop the run
+    before any checkpoint is written."""
+    import align.trainers.rlhf as rlhf
+    from align.config import RLHFRecipe, load_recipe
+    from align.engine.loop import NonFiniteLossError
+
+    real, calls, bad = rlhf.policy_loss_tokens, {"n": 0}, {1}
+
+    def flaky(logprobs, old, advantages, clip):  # 2 micro-batches per optimizer step
+        calls["n"] += 1
+        per_token, clipped = real(logprobs, old, advantages, clip)
+        return (per_token * float("nan") if (calls["n"] - 1) // 2 in bad else per_token), clipped
+
+    monkeypatch.setattr(rlhf, "policy_loss_tokens", flaky)
+    extra = {"ppo.ptx_coef": 0, "ppo.critic_warmup_iterations": 0, "train.max_bad_steps": 2, "ppo.rm_update_steps": 0}
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, tiny_rm, **extra)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.run_iteration(0)
+    steps = trainer.ppo.ppo_epochs * trainer.ppo.mini_batches
+    assert steps > 1 and trainer.state.optimizer_steps == steps and trainer.stepper.skipped_steps == 1 and metrics["skipped_steps"] == 1.0
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the good step was applied
+    assert trainer.state.tokens > 0  # trained response tokens are counted (the summary used to say 0)
+
+    bad.update(range(100))
+    calls["n"] = 0
+    args = rlhf_overrides(tmp_path / "stops", sft_checkpoint, tiny_rm, **extra, **{"train.save_every": 1, "eval.enabled": False})
+    run = rlhf.RLHFTrainer(load_recipe(RLHFRecipe, QUICKSTART, args[1::2]))
+    with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row"):
+        run.run()
+    assert not list((tmp_path / "stops" / "checkpoints").glob("step-*"))
+

@@ -1,21 +1,29 @@
-"""The one training loop: accumulation, clipping, the non-finite guard, eval and checkpoint cadence.
+"""The one training loop and the one guarded optimizer step every trainer uses.
 
-Per optimizer step: each rank runs its G micro-batches; each micro-batch's loss is its exact
-share of the step mean (see trainers/base.py), scaled by G·W to cancel the averaging that
-DeepSpeed (÷G, mean over ranks) and DDP (mean over ranks) apply.
+`Stepper.step(micro_batches, loss_fn)` is the only place a gradient is applied (`fit` for SFT, RM
+and MPO; the PPO loop in `trainers/rlhf.py`). Each micro-batch's loss is its exact share of the
+step mean (see trainers/base.py), scaled by G·W to cancel the averaging that DeepSpeed (÷G, mean
+over ranks) and DDP (mean over ranks) apply; DDP syncs gradients only on the last micro-batch.
 
-The non-finite guard costs one small all-reduce and host sync per micro-step: under ZeRO-3
-gradients are reduced inside backward, so a bad loss must be caught before it is
-backpropagated. A step with any non-finite micro-batch on any rank is skipped on every rank
-(gradients discarded, no optimizer or schedule step) and counted; `max_bad_steps` in a row
-stop the run with an error, before any checkpoint could hold poisoned weights.
+The non-finite guard costs one small all-reduce and one host sync per optimizer step: every
+micro-batch is backpropagated, the (bad-count, loss, tokens) of all of them are reduced once at the
+end, and a step with any non-finite loss on any rank, or a non-finite gradient norm, is discarded
+on every rank (gradients zeroed, no optimizer or schedule step) and counted. Backpropagating a
+bad loss is safe: the plain path zeroes the poisoned gradients, and ZeRO-3's zero_grad resets its
+accumulation counter so the next step's first reduction overwrites them. On the DeepSpeed path the
+gradient norm is checked by DeepSpeed itself (a non-finite norm skips its step; we read
+`was_step_applied`). `max_bad_steps` skipped steps in a row stop the run with an error, before
+any checkpoint could hold poisoned weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,30 +48,90 @@ class LoopState:
     train_seconds: float = 0.0
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did, summed over ranks (loss and tokens cover the finite micro-batches)."""
+
+    applied: bool
+    loss: float
+    tokens: int
+    grad_norm: float | None
+    metrics: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # detached per-micro-batch values, this rank
+
+
+LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 class Stepper:
-    """Backward and optimizer step, for plain accelerate and for a DeepSpeed engine alike."""
+    """The guarded optimizer step (see the module docstring), for plain accelerate and a DeepSpeed engine alike."""
 
-    def __init__(self, engine: Engine, model, optimizer, scheduler, max_grad_norm: float):
+    def __init__(self, engine: Engine, model, optimizer, scheduler, max_grad_norm: float, max_bad_steps: int = 3):
         self.engine, self.model, self.optimizer, self.scheduler = engine, model, optimizer, scheduler
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.max_bad_steps = max_grad_norm, max_bad_steps
+        self.scale = engine.shape.gradient_accumulation_steps * engine.world_size if engine.deepspeed else engine.world_size
+        self.skipped_steps = 0
+        self.bad_streak = 0
 
-    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+    def step(self, micro_batches: Sequence[Any], loss_fn: LossFn, tokens: float = 0.0) -> StepResult:
+        """Forward + backward every micro-batch through `loss_fn`, then apply the step unless anything was non-finite.
+
+        `tokens` is this rank's token count, summed over ranks in the same reduction (for logging).
+        """
+        device = self.engine.device
+        bad = torch.zeros((), device=device)
+        share = torch.zeros((), device=device)
+        metrics: dict[str, list[torch.Tensor]] = {}
+        last = len(micro_batches) - 1
+        for g, item in enumerate(micro_batches):
+            with self._sync(g == last):
+                loss, values = loss_fn(item)
+                local = loss.detach().float()
+                finite = torch.isfinite(local)
+                bad += (~finite).float()
+                share += torch.where(finite, local, torch.zeros_like(local))
+                self._backward(loss * self.scale, g == last)
+            for key, value in values.items():
+                metrics.setdefault(key, []).append(value.detach().float())
+        check = torch.stack([bad, share, torch.tensor(float(tokens), device=device)])
+        n_bad, loss_sum, token_sum = self.engine.accelerator.reduce(check, "sum").tolist()
+        applied, norm = self._finish(n_bad == 0)
+        if applied:
+            self.bad_streak = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            if self.bad_streak >= self.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_streak} optimizer steps in a row had a non-finite loss or gradient norm "
+                    f"({self.skipped_steps} skipped in all); stopping without saving. Lower optim.lr or check the data."
+                )
+        return StepResult(applied, loss_sum, int(token_sum), norm, metrics)
+
+    def _sync(self, boundary: bool):
+        """DDP all-reduces gradients on the boundary micro-batch only (DeepSpeed takes the boundary flag instead)."""
+        if boundary or self.engine.deepspeed or self.engine.world_size == 1:
+            return contextlib.nullcontext()
+        return self.engine.accelerator.no_sync(self.model)
+
+    def _backward(self, loss: torch.Tensor, boundary: bool) -> None:
         if self.engine.deepspeed:
             self.model.set_gradient_accumulation_boundary(boundary)
             self.model.backward(loss)
         else:
             self.engine.accelerator.backward(loss)
 
-    def finish(self, ok: bool) -> tuple[bool, float | None]:
-        """Apply the accumulated gradients if `ok`; returns (applied, grad norm)."""
+    def _finish(self, ok: bool) -> tuple[bool, float | None]:
+        """Apply the accumulated gradients if `ok` and their norm is finite; returns (applied, grad norm)."""
         norm = None
         if self.engine.deepspeed:
             if ok:
-                self.model.step()  # clips (gradient_clipping), steps and zeroes gradients
-                self.scheduler.step()  # accelerate hands DeepSpeed only its own schedule types, not ours
-                norm = self.model.get_global_grad_norm()
-                norm = float(norm) if norm is not None else None
-            else:
+                self.model.step()  # clips (gradient_clipping); skips itself on a non-finite norm
+                ok = self.model.was_step_applied()
+                if ok:
+                    self.scheduler.step()  # accelerate hands DeepSpeed only its own schedule types, not ours
+                    norm = self.model.get_global_grad_norm()
+                    norm = float(norm) if norm is not None else None
+            if not ok:
                 self.model.optimizer.zero_grad()  # also resets ZeRO-3's accumulation counter
             return ok, norm
         if ok:
@@ -105,7 +173,6 @@ def fit(engine: Engine, trainer) -> dict:
     model, optimizer, scheduler = acc.prepare(trainer.model, optimizer, scheduler)
     trainer.model = model
     model.train()
-    stepper = Stepper(engine, model, optimizer, scheduler, recipe.optim.max_grad_norm)
 
     ckpt = Checkpointer(acc, engine.run_dir / "checkpoints", cfg.keep_last)
     ckpt.clean_partial()
@@ -120,48 +187,33 @@ def fit(engine: Engine, trainer) -> dict:
 
     logger = RunLogger(recipe.logging, engine.run_dir, flat_dict(recipe), plan.total_steps, engine.is_main, trainer.name)
     logger.set_progress(state.step)
-    scale = engine.shape.gradient_accumulation_steps * engine.world_size if engine.deepspeed else engine.world_size
+    stepper = Stepper(engine, model, optimizer, scheduler, recipe.optim.max_grad_norm, cfg.max_bad_steps)
+    stepper.skipped_steps, stepper.bad_streak = state.skipped_steps, state.bad_streak
     window_metrics: dict[str, list[torch.Tensor]] = {}
     log_loss, log_tokens, log_steps, log_start = 0.0, 0, 0, time.perf_counter()
     last_loss: float | None = None
 
     while state.step < plan.total_steps:
         step_start = time.perf_counter()
-        micro_batches = plan.micro_batches(state.step, engine.rank)
         totals = trainer.units(plan.step_rows(state.step), "train")
-        step_ok, step_loss, step_tokens = True, 0.0, 0
-        for g, row_ids in enumerate(micro_batches):
-            batch = trainer.collate(row_ids, "train").to(engine.device)
-            loss, metrics = trainer.loss(model, batch, totals)
-            local = loss.detach().float()
-            finite = torch.isfinite(local)
-            check = torch.stack([(~finite).float(), torch.where(finite, local, 0.0), torch.tensor(float(batch.num_tokens))])
-            bad, share, tokens = acc.reduce(check.to(engine.device), "sum").tolist()
-            boundary = g == len(micro_batches) - 1
-            if bad or not step_ok:
-                step_ok = False
-                continue
-            stepper.backward(loss * scale, boundary)
-            step_loss += share
-            step_tokens += int(tokens)
-            for key, value in metrics.items():
-                window_metrics.setdefault(key, []).append(value.detach().float())
-        applied, grad_norm = stepper.finish(step_ok)
+        batches = [trainer.collate(row_ids, "train") for row_ids in plan.micro_batches(state.step, engine.rank)]
+        tokens = sum(b.num_tokens for b in batches)  # counted on the host copy: no device sync
+
+        def micro_loss(batch, totals=totals):
+            return trainer.loss(model, batch.to(engine.device), totals)
+
+        result = stepper.step(batches, micro_loss, tokens)
         state.step += 1
         state.train_seconds += time.perf_counter() - step_start
-        if not applied:
-            state.skipped_steps += 1
-            state.bad_streak += 1
+        state.skipped_steps, state.bad_streak = stepper.skipped_steps, stepper.bad_streak
+        if not result.applied:
             logger.log(state.step, {"skipped_steps": state.skipped_steps}, advance=1)
-            if state.bad_streak >= cfg.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{state.bad_streak} optimizer steps in a row had a non-finite loss or gradient norm "
-                    f"(last at step {state.step}); stopping without saving. Lower optim.lr or check the data."
-                )
             continue
-        state.bad_streak = 0
-        state.tokens += step_tokens
-        log_loss, log_tokens, log_steps = log_loss + step_loss, log_tokens + step_tokens, log_steps + 1
+        for key, values in result.metrics.items():
+            window_metrics.setdefault(key, []).extend(values)
+        state.tokens += result.tokens
+        log_loss, log_tokens, log_steps = log_loss + result.loss, log_tokens + result.tokens, log_steps + 1
+        grad_norm = result.grad_norm
 
         last = state.step == plan.total_steps
         if state.step % cfg.log_every == 0 or last:

@@ -229,11 +229,11 @@ class MPOTrainer(Trainer):
         for name, weight in cfg.losses.items():
             values, unit = get_loss(name, "preference")(inputs)
             total = total + weight * values.sum() / totals[unit]
-            denominator = batch.chosen_tokens.sum() if unit == "chosen_tokens" else torch.tensor(float(batch.num_pairs))
+            denominator = batch.chosen_tokens.sum() if unit == "chosen_tokens" else torch.tensor(float(batch.num_pairs), device=policy.device)
             metrics[f"loss/{name}"] = (values.sum() / denominator.clamp(min=1)).detach()
         margin = cfg.beta * (lr_c - lr_r).detach()
         metrics |= {
-            "delta": torch.tensor(delta),
+            "delta": torch.tensor(delta, device=policy.device),
             "rewards/chosen": cfg.beta * lr_c.detach().mean(),
             "rewards/rejected": cfg.beta * lr_r.detach().mean(),
             "rewards/margin": margin.mean(),

@@ -25,6 +25,7 @@ rollout buffer (one file per rank) and the reward model once the fast path has c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections import defaultdict
@@ -49,7 +50,7 @@ from align.model_paths import MAKE_RM, check_model_path
 from align.rollout.buffer import RolloutBuffer
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
-from align.rollout.experience import actor_logprobs, assign_advantages, collate_rollouts, critic_values
+from align.rollout.experience import RolloutBatch, actor_logprobs, assign_advantages, collate_rollouts, critic_values
 from align.rollout.generation import HFGenerator, SamplingParams
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
 from align.trainers.rm_update import comparison_pairs, read_comparison_files, update_reward_model
@@ -66,6 +67,8 @@ RM_FILE = "reward_model.safetensors"
 class RLHFState:
     iteration: int = 0
     optimizer_steps: int = 0
+    tokens: int = 0  # response tokens trained on, summed over optimizer steps and ranks
+    skipped_steps: int = 0  # guarded steps discarded for a non-finite loss or gradient norm
     reward_moments: dict[str, float] = dataclasses.field(default_factory=dict)
     ingested: list[str] = dataclasses.field(default_factory=list)  # slow-path files already used
     rounds: list[dict] = dataclasses.field(default_factory=list)  # what happened between rounds
@@ -73,6 +76,22 @@ class RLHFState:
     rm_updated: bool = False
     last: dict[str, float] = dataclasses.field(default_factory=dict)  # the last iteration's metrics
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # generate / score / experience / train totals
+
+
+@dataclasses.dataclass
+class PPOBatch:
+    """One PPO micro-batch: packed rows and, per response token in target order, what the loss needs."""
+
+    rows: RolloutBatch
+    weight: torch.Tensor  # 1 where the token is trained on (0 for dropped truncated answers)
+    returns: torch.Tensor
+    values: torch.Tensor  # the critic's values at experience time (for value clipping)
+    logprobs: torch.Tensor  # old log-probs
+    advantages: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PPOBatch:
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+        return PPOBatch(**moved)
 
 
 def _reward_stats(path: str) -> tuple[dict[str, str] | None, dict[str, dict[str, float]]]:
@@ -150,9 +169,8 @@ class RLHFTrainer:
                                                  ppo.critic_warmup_iterations * steps_per_iteration)  # fmt: skip
         self.model, optimizer, scheduler = engine.accelerator.prepare(model, optimizer, scheduler)
         self.critic = engine.accelerator.unwrap_model(self.model).critic
-        self.stepper = Stepper(engine, self.model, optimizer, scheduler, recipe.optim.max_grad_norm)
+        self.stepper = Stepper(engine, self.model, optimizer, scheduler, recipe.optim.max_grad_norm, recipe.train.max_bad_steps)
         self.scheduler = scheduler
-        self.scale = engine.shape.gradient_accumulation_steps * engine.world_size if engine.deepspeed else engine.world_size
         self.buffer = RolloutBuffer()
         self.checkpointer = Checkpointer(engine.accelerator, engine.run_dir / "checkpoints", recipe.train.keep_last)
 
@@ -254,70 +272,80 @@ class RLHFTrainer:
         return collate_rows([[self.ptx_samples[i] for i in self.ptx_rows[r]] for r in ids], self.tokenizer.pad_token_id)
 
     def train_on(self, rollouts: list, iteration: int, actor_on: bool) -> dict[str, float]:
-        """`ppo_epochs` × `mini_batches` optimizer steps over this iteration's rollouts; exact token means over all ranks."""
+        """`ppo_epochs` × `mini_batches` guarded optimizer steps over this iteration's rollouts; exact token means over all ranks.
+
+        Each step goes through `Stepper.step`, as every trainer's does: a non-finite PPO loss (the importance ratio is where
+        NaNs come from) skips the step on every rank and counts it; `train.max_bad_steps` in a row stop the run.
+        """
         ppo, engine, acc = self.ppo, self.engine, self.engine.accelerator
         micro = self.recipe.train.micro_batch_size
         use_ptx = actor_on and bool(self.ptx_rows)
-        sums: dict[str, float] = defaultdict(float)
-        values_seen, returns_seen = [], []
+        seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+        norms: list[float] = []
         for epoch in range(ppo.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self._seed(iteration, 1 + epoch))).tolist()
             size = len(order) // ppo.mini_batches
             for m in range(ppo.mini_batches):
                 chosen = [rollouts[i] for i in order[m * size : (m + 1) * size]]
-                micro_batches = [chosen[g : g + micro] for g in range(0, len(chosen), micro)]
-                draws = [(self.state.optimizer_steps * len(micro_batches) + g) * engine.world_size + engine.rank for g in range(len(micro_batches))]
-                ptx_batches = [self._ptx_batch(d) for d in draws] if use_ptx else []
-                local = torch.tensor([float(sum(len(r.response_ids) for r in chosen if self._trained(r))),
-                                      float(sum(float(b.weights.sum()) for b in ptx_batches))])  # fmt: skip
+                parts = [chosen[g : g + micro] for g in range(0, len(chosen), micro)]
+                draws = [(self.state.optimizer_steps * len(parts) + g) * engine.world_size + engine.rank for g in range(len(parts))]
+                ptx_batches = [self._ptx_batch(d) for d in draws] if use_ptx else [None] * len(parts)
+                items = [(self.ppo_batch(part), ptx) for part, ptx in zip(parts, ptx_batches, strict=True)]  # host tensors
+                tokens = float(sum(len(r.response_ids) for r in chosen if self._trained(r)))
+                local = torch.tensor([tokens, float(sum(float(b.weights.sum()) for b in ptx_batches if b is not None))])
                 total_tokens, total_ptx = (acc.reduce(local.to(engine.device), "sum").cpu() if engine.world_size > 1 else local).tolist()
-                for g, part in enumerate(micro_batches):
-                    loss, stats = self.micro_loss(part, ptx_batches[g] if use_ptx else None, max(total_tokens, 1.0), max(total_ptx, 1.0), actor_on)
-                    self.stepper.backward(loss * self.scale, g == len(micro_batches) - 1)
-                    for key, value in stats.items():
-                        if key in ("values", "returns"):
-                            (values_seen if key == "values" else returns_seen).append(value)
-                        else:
-                            sums[key] += value
-                applied, norm = self.stepper.finish(True)
+
+                loss_fn = functools.partial(self.micro_loss, total_tokens=max(total_tokens, 1.0), total_ptx=max(total_ptx, 1.0), actor_on=actor_on)
+                result = self.stepper.step(items, loss_fn, tokens)
                 self.state.optimizer_steps += 1
-                sums["grad_norm"] += norm or 0.0
-                sums["steps"] += 1
+                self.state.skipped_steps = self.stepper.skipped_steps
+                if result.applied:
+                    self.state.tokens += result.tokens
+                    norms.append(result.grad_norm or 0.0)
+                    for key, values in result.metrics.items():
+                        seen[key] += values
+        sums = {k: float(torch.stack(v).sum()) for k, v in seen.items() if k not in ("values", "returns")}
         tokens = max(sums.pop("tokens", 0.0), 1.0)
         out = {k: sums[k] / tokens for k in ("policy_loss", "value_loss", "clip_fraction", "entropy") if k in sums}
         if "ptx_nll" in sums:
             out["ptx_loss"] = sums["ptx_nll"] / max(sums["ptx_tokens"], 1.0)
-        out["grad_norm"] = sums["grad_norm"] / max(sums["steps"], 1.0)
-        if values_seen:
-            v, r = torch.cat(values_seen), torch.cat(returns_seen)
+        out["grad_norm"] = sum(norms) / max(len(norms), 1)
+        out["skipped_steps"] = float(self.stepper.skipped_steps)
+        if seen.get("values"):
+            v, r = torch.cat(seen["values"]).cpu(), torch.cat(seen["returns"]).cpu()
             out["explained_variance"] = explained_variance(v, r, torch.ones_like(v))
         return out
 
-    def micro_loss(self, part: list, ptx_batch, total_tokens: float, total_ptx: float, actor_on: bool) -> tuple[torch.Tensor, dict]:
-        ppo, engine = self.ppo, self.engine
-        batch = collate_rollouts(part, self.tokenizer.pad_token_id, self._row_tokens()).to(engine.device)
-        weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r))) for r in part]).to(engine.device)
-        returns = batch.flat([r.returns for r in part]).to(engine.device)
-        old_values = batch.flat([r.values for r in part]).to(engine.device)
+    def ppo_batch(self, part: list) -> PPOBatch:
+        """A micro-batch's rollouts packed into rows with their per-token training targets, built on the host."""
+        batch = collate_rollouts(part, self.tokenizer.pad_token_id, self._row_tokens())
+        weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r))) for r in part])
+        fields = {name: batch.flat([getattr(r, name) for r in part]) for name in ("returns", "values", "logprobs", "advantages")}
+        return PPOBatch(batch, weight, **fields)
+
+    def micro_loss(self, item: tuple[PPOBatch, Any], total_tokens: float, total_ptx: float, actor_on: bool) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's (PPO batch, PTX rows) share of the step loss, and its detached per-token statistics (no host sync)."""
+        ppo = self.ppo
+        ppo_batch, ptx_batch = item
+        data = ppo_batch.to(self.engine.device)
+        batch, weight = data.rows, data.weight
         values = critic_values(self.model, batch, self.critic, role="critic")
-        value_sum = (value_loss_tokens(values, old_values, returns, ppo.value_clip) * weight).sum()
+        value_sum = (value_loss_tokens(values, data.values, data.returns, ppo.value_clip) * weight).sum()
         loss = value_sum / total_tokens
-        stats = {"value_loss": float(value_sum.detach()),
-                 "tokens": float(weight.sum()), "values": values.detach().cpu()[weight.cpu() > 0], "returns": returns.cpu()[weight.cpu() > 0]}  # fmt: skip
+        kept = weight > 0
+        stats = {"value_loss": value_sum.detach(), "tokens": weight.sum(), "values": values.detach()[kept], "returns": data.returns[kept]}
         if actor_on:
             logprobs, entropy = actor_logprobs(self.model, batch, with_entropy=True)
-            old = batch.flat([r.logprobs for r in part]).to(engine.device)
-            advantages = batch.flat([r.advantages for r in part]).to(engine.device)
-            per_token, clipped = policy_loss_tokens(logprobs, old, advantages, ppo.clip)
+            per_token, clipped = policy_loss_tokens(logprobs, data.logprobs, data.advantages, ppo.clip)
             loss = loss + (per_token * weight).sum() / total_tokens
-            stats |= {"policy_loss": float((per_token.detach() * weight).sum()), "clip_fraction": float((clipped * weight).sum()),
-                      "entropy": float((entropy * weight).sum())}  # fmt: skip
+            stats |= {"policy_loss": (per_token.detach() * weight).sum(), "clip_fraction": (clipped * weight).sum(),
+                      "entropy": (entropy * weight).sum()}  # fmt: skip
         if ptx_batch is not None:
-            ptx_batch = ptx_batch.to(engine.device)
+            ptx_batch = ptx_batch.to(self.engine.device)
             logprobs, mask = target_logprobs(self.model, ptx_batch)
             nll = -(logprobs * ptx_batch.weights[mask]).sum()
             loss = loss + ppo.ptx_coef * nll / total_ptx
-            stats |= {"ptx_nll": float(nll.detach()), "ptx_tokens": float(ptx_batch.weights[mask].sum())}
+            stats |= {"ptx_nll": nll.detach(), "ptx_tokens": ptx_batch.weights[mask].sum()}
         return loss, stats
 
     def iteration_metrics(self, rollouts: list, raw: torch.Tensor, kl: torch.Tensor, trained: torch.Tensor, losses: dict,
@@ -438,6 +466,7 @@ class RLHFTrainer:
             return False
         saved = self.checkpointer.load(latest)
         self.state = RLHFState(**saved["rlhf"])
+        self.stepper.skipped_steps = self.state.skipped_steps
         if self.state.reward_moments:
             self.moments.load_state_dict(self.state.reward_moments)
         self.buffer = RolloutBuffer.load(latest, f"rollouts-rank{self.engine.rank}")
@@ -510,7 +539,8 @@ class RLHFTrainer:
             "critic_path": str(paths["critic"].resolve()),
             "data": {"prompts": len(self.prompts), "ptx_rows": len(self.ptx_rows), "eval_prompts": len(self.eval_problems)},
             "steps": self.state.optimizer_steps,
-            "tokens": 0,
+            "tokens": self.state.tokens,
+            "skipped_steps": self.state.skipped_steps,
         }
         if samples is not None:
             summary["eval_samples"] = samples
