@@ -168,12 +168,13 @@ class BestOfN:
     def setup(self) -> None:
         from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer, without_zero3_init
         from align.evaluation import load_prompts
-        from align.trainers.rlhf import _reward_stats
+        from align.reward_model_info import RewardModelInfo, reward_token_id
         from rewards.router import RewardRouter
 
         recipe, bon, engine = self.recipe, self.bon, self.engine
         self.tokenizer = load_tokenizer(recipe.model)
         reward_model, rm_tokenizer, stats, conditions = None, self.tokenizer, {}, recipe.reward.conditions
+        token = recipe.reward.reward_token
         # whole replicas on every rank, even under a ZeRO-3 launch: ranks generate and score on their own, never waiting on each other
         with without_zero3_init():
             self.policy = load_causal_lm(recipe.model, self.tokenizer, engine.dtype, seed=recipe.train.seed).to(engine.device).eval()
@@ -183,15 +184,10 @@ class BestOfN:
                 if (Path(bon.reward_model) / "tokenizer_config.json").exists():  # the RM reads text: its own tokenizer if it has one
                     rm_tokenizer = load_tokenizer(rm_cfg)
                 reward_model = load_reward_model(rm_cfg, rm_tokenizer, engine.dtype).to(engine.device).eval().requires_grad_(False)
-                stored_conditions, stats = _reward_stats(bon.reward_model)
-                if stored_conditions and stored_conditions != conditions:
-                    raise ValueError(f"reward.conditions differ from the prompts {bon.reward_model} was trained with "
-                                     f"({sorted(stored_conditions)}); the reward model must see the same condition prompts")  # fmt: skip
-        token_id = None
-        if recipe.reward.reward_token is not None:
-            token_id = rm_tokenizer.convert_tokens_to_ids(recipe.reward.reward_token)
-            if token_id is None or token_id == rm_tokenizer.unk_token_id:
-                raise ValueError(f"reward.reward_token {recipe.reward.reward_token!r} is not in the reward model's vocabulary")
+                info = RewardModelInfo.read(bon.reward_model)
+                info.check_conditions(conditions, bon.reward_model)
+                stats, token = info.stats, info.resolve_reward_token(recipe.reward.reward_token, bon.reward_model)
+        token_id = reward_token_id(rm_tokenizer, token)
         self.router = RewardRouter(bon.routes, reward_model, rm_tokenizer, conditions, stats, reward_token_id=token_id, row_tokens=bon.row_tokens)
         self.problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts)
         if not self.problems:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_builders.errors import UserError
+
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 PREFIX = "builtin:"
 
@@ -22,5 +24,5 @@ def is_builtin(name: str) -> bool:
 def builtin_shape(name: str) -> dict:
     size = name[len(PREFIX) :]
     if size not in CONFIGS:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {[PREFIX + k for k in CONFIGS]}")
+        raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(PREFIX + k for k in CONFIGS)}")
     return dict(CONFIGS[size])

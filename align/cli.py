@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, MPORecipe, RLHFRecipe, RMRecipe, SFTRecipe, load_recipe
-from align.model_paths import MAKE_RM, check_model_path
+from align.model_paths import MAKE_RM, check_model_path, check_recipe_paths, check_tokenizer_path
+from data_builders.errors import UserError
 
 
 def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -20,14 +21,31 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = True) -
 
 
 def _train(recipe: Any, load_trainer: Callable[[], type]) -> int:
-    """Run one job; the recipe and the model path are checked before torch and the trainer load, so such errors are instant."""
-    check_model_path(recipe.model.name_or_path)
+    """Run one job; the recipe and its model, tokenizer and data paths are checked before torch and the trainer load,
+    so such errors are instant."""
+    check_recipe_paths(recipe)
+    if isinstance(recipe, MPORecipe):
+        check_mpo_losses(recipe)
     from align.runner import run_job
 
     summary = run_job(load_trainer(), recipe)
     if os.environ.get("RANK", "0") == "0":  # one report per job, not per rank
         _print_result(summary)
     return 0
+
+
+def check_mpo_losses(recipe: MPORecipe) -> None:
+    """Every `mpo.losses` name is a registered preference loss. It imports the loss modules (and so torch), so it runs after
+    the torch-free checks but before any model or data loads."""
+    import align.losses.preference  # noqa: F401 - registers the preference losses
+    import rewards.losses  # noqa: F401 - registers the ranking losses, so one put here by mistake is named as such
+    from align.losses import get_loss
+
+    for name in recipe.mpo.losses:
+        try:
+            get_loss(name, "preference")
+        except KeyError as err:
+            raise ConfigError(f"mpo.losses.{name}: {err}") from None
 
 
 def _sft_trainer() -> type:
@@ -63,8 +81,9 @@ def cmd_mpo(args: argparse.Namespace) -> int:
         return _train(recipe, _mpo_trainer)
     from align.trainers.online_mpo import check_online, run_online_mpo
 
-    check_online(recipe)  # the rounds' settings first, then the model path, before torch loads
-    check_model_path(recipe.model.name_or_path)
+    check_online(recipe)  # the rounds' settings first, then the paths, before torch loads
+    check_recipe_paths(recipe)
+    check_mpo_losses(recipe)
 
     summary = run_online_mpo(recipe)
     if os.environ.get("RANK", "0") == "0":
@@ -78,7 +97,7 @@ def cmd_mpo(args: argparse.Namespace) -> int:
 
 def cmd_rlhf(args: argparse.Namespace) -> int:
     recipe = load_recipe(RLHFRecipe, args.config, args.overrides)
-    check_model_path(recipe.model.name_or_path)
+    check_recipe_paths(recipe)
     check_model_path(recipe.ppo.reward_model, "ppo.reward_model", MAKE_RM)
     from align.trainers.rlhf import run_rlhf
 
@@ -106,6 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"model.name_or_path={args.model}")
     overrides.append("logging.wandb=false")
     recipe = load_recipe(SFTRecipe, args.config, overrides)
+    check_model_path(recipe.model.name_or_path)
+    check_tokenizer_path(recipe.model)
     if not args.config and not any(o.startswith("output_dir=") for o in args.overrides):
         recipe.output_dir = str(Path(args.model) / "eval") if args.model and Path(args.model).is_dir() else "runs/eval"
     engine = Engine.create(recipe)
@@ -135,6 +156,10 @@ def _print_result(summary: dict) -> None:
         by = ", ".join(f"{k} {v:.1%}" for k, v in metrics["preference_accuracy_by_condition"].items())
         print(f"[{summary['job']}] held-out preference accuracy (implicit reward) {metrics['preference_accuracy']:.1%} ({by}), "
               f"reward margin {metrics['reward_margin']:.3f}, delta {metrics['delta']:.3f}")
+    quarantined = (summary.get("data") or {}).get("quarantined")
+    if quarantined:
+        where = Path(summary["model_path"]).parent / "quarantine.jsonl"
+        print(f"[{summary['job']}] {quarantined} bad row{'s' * (quarantined != 1)} skipped (data.on_bad_row: skip); quarantined in {where}")
     print(f"[{summary['job']}] {summary['steps']} steps, {summary['tokens']} tokens, {summary['wall_s']:.0f} s; model: {summary['model_path']}")
 
 
@@ -171,11 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"align: config error: {err}", file=sys.stderr)
+        print(f"align: config error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
-        print(f"align: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:  # a mistake the user can fix (every rank under a launcher may print it)
+        print(f"align: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """A user error is one line on the console, however its message was built."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 A typo in a recipe must fail before a job starts, naming the key and the closest valid one,
 so every key is checked against the dataclass fields and every value against its type hint.
+A value out of range fails the same way: a field declares its range next to it (`bounded(default, gt=0)`,
+kept in the field's metadata) and a section may add checks across its fields (`problems()`); `build`
+checks both, in well under a second and before torch is imported.
 """
 
 from __future__ import annotations
@@ -15,20 +18,66 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from data_builders.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe that cannot be loaded; the message names the file and the key path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a numeric setting must lie in (`allow`: extra values with a meaning, e.g. -1 = no limit).
+
+    On a list or mapping field the bounds hold for every element or value.
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    allow: tuple[float, ...] = ()
+
+    def holds(self, value: float) -> bool:
+        if value in self.allow:
+            return True
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))  # fmt: skip
+
+    def describe(self) -> str:
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if low and high:
+            text = f"in {low[0]}{_number(low[1])}, {_number(high[0])}{high[1]}"
+        elif low:
+            text = f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
+        else:
+            text = f"{'<=' if high and high[1] == ']' else '<'} {_number(high[0]) if high else ''}"
+        return text + "".join(f" or {_number(a)}" for a in self.allow)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None, allow: tuple[float, ...] = ()) -> Any:  # fmt: skip
+    """A dataclass field whose value `build` checks against the bounds (the message names the key, the range and the value)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"bounds": Bounds(gt, ge, lt, le, allow)})
+
+
+SHARE = {"ge": 0.0, "le": 1.0}  # a probability or fraction
 
 
 # ----------------------------------------------------------------------------- sections
 @dataclasses.dataclass
 class LoraConfig:
     enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = bounded(8, ge=1)
+    alpha: int = bounded(16, gt=0)
+    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -53,17 +102,17 @@ class SourceConfig:
     path: str = "synthetic"
     split: str = "train"
     format: Literal["auto", "messages", "sharegpt"] = "auto"
-    max_rows: int | None = None
+    max_rows: int | None = bounded(None, ge=1)
 
 
 @dataclasses.dataclass
 class SyntheticConfig:
     seed: int = 0
-    digits: int = 3
-    train_rows: int = 6000
-    eval_rows: int = 300
-    concise_share: float = 0.7
-    system_share: float = 0.5  # SFT rows opening with a generic system prompt (robust to the RM's condition prompts)
+    digits: int = bounded(3, ge=1)
+    train_rows: int = bounded(6000, ge=1)
+    eval_rows: int = bounded(300, ge=1)
+    concise_share: float = bounded(0.7, **SHARE)
+    system_share: float = bounded(0.5, **SHARE)  # SFT rows opening with a generic system prompt (robust to the RM's condition prompts)
 
 
 @dataclasses.dataclass
@@ -71,16 +120,16 @@ class DataConfig:
     train: list[SourceConfig] = dataclasses.field(default_factory=lambda: [SourceConfig()])
     eval: list[SourceConfig] = dataclasses.field(default_factory=list)
     system_prompt: str | None = None  # added to conversations that have none
-    max_length: int = 512
+    max_length: int = bounded(512, ge=1)
     packing: bool = True
     truncation: Literal["right", "drop", "error"] = "right"
-    max_truncated_share: float = 0.05  # more truncated rows than this is an error
+    max_truncated_share: float = bounded(0.05, **SHARE)  # a larger share of kept rows truncated is an error (skipped rows never count)
     on_bad_row: Literal["error", "skip"] = "error"
     loss_reduction: Literal["token", "sample", "sqrt"] = "token"
     # preference pairs: compute the shared prompt once per pair ([prefix | chosen | rejected] with a 4-D mask);
     # null (auto) = on unless the attention cannot take a 4-D mask (flash-attention)
     share_prefix: bool | None = None
-    pair_row_tokens: int | None = None  # tokens per packed row of pairs; default 2·max_length (the longest pair)
+    pair_row_tokens: int | None = bounded(None, ge=1)  # tokens per packed row of pairs; default 2·max_length (the longest pair)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def eval_sources(self) -> list[SourceConfig]:
@@ -92,31 +141,43 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = bounded(1e-4, gt=0.0)
+    weight_decay: float = bounded(0.0, ge=0.0)
+    betas: list[float] = bounded(factory=lambda: [0.9, 0.999], ge=0.0, lt=1.0)
+    eps: float = bounded(1e-8, ge=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
-    max_grad_norm: float = 1.0
+    warmup_steps: int = bounded(0, ge=0)
+    warmup_ratio: float = bounded(0.0, **SHARE)  # used when warmup_steps is 0
+    min_lr_ratio: float = bounded(0.0, **SHARE)  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float = bounded(1.0, ge=0.0)  # 0 = no clipping
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("betas", f"must be two numbers [beta1, beta2], got {self.betas}")] if len(self.betas) != 2 else []
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    micro_batch_size: int = 8  # rows per rank per micro-step (packed rows when packing)
-    gradient_accumulation_steps: int | None = None  # derived from global_batch_size when unset
-    global_batch_size: int | None = None  # micro × accumulation × world size
+    micro_batch_size: int = bounded(8, ge=1)  # rows per rank per micro-step (packed rows when packing)
+    gradient_accumulation_steps: int | None = bounded(None, ge=1)  # derived from global_batch_size when unset
+    global_batch_size: int | None = bounded(None, ge=1)  # micro × accumulation × world size
+    # how long: max_steps >= 1 optimizer steps; max_steps null or -1 (transformers' "no limit"): epochs (> 0, fractions
+    # allowed) decide. max_steps 0 or below -1, or epochs <= 0 without max_steps, is refused: such a run would train nothing.
     epochs: float = 1.0
-    max_steps: int | None = None
+    max_steps: int | None = bounded(None, ge=1, allow=(-1,))
     seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # optimizer steps; 0 = only at the end
-    save_every: int = 0  # optimizer steps; 0 = no intermediate checkpoints
-    keep_last: int = 2
-    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
-    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
+    log_every: int = bounded(10, ge=1)
+    eval_every: int = bounded(0, ge=0)  # optimizer steps; 0 = only at the end
+    save_every: int = bounded(0, ge=0)  # optimizer steps; 0 = no intermediate checkpoints
+    keep_last: int = bounded(2, ge=1)
+    max_bad_steps: int = bounded(3, ge=1)  # consecutive non-finite steps before the run stops
+    # true: continue the newest checkpoint of the same recipe (a finished run is not trained again); false: start over;
+    # force: continue the newest checkpoint even if the recipe changed (see align/run_state.py)
+    resume: bool | Literal["force"] = True
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.epochs > 0 or (self.max_steps is not None and self.max_steps > 0):
+            return []
+        return [("epochs", f"must be > 0 unless train.max_steps >= 1 sets the length, got {_number(self.epochs)}")]
 
 
 @dataclasses.dataclass
@@ -141,9 +202,9 @@ class EvalConfig:
 
     enabled: bool = True
     prompts_path: str | None = None  # JSONL rows with messages, condition, answer, unsafe
-    num_prompts: int = 300
-    max_new_tokens: int = 48
-    batch_size: int = 100
+    num_prompts: int = bounded(300, ge=1)
+    max_new_tokens: int = bounded(48, ge=1)
+    batch_size: int = bounded(100, ge=1)
 
 
 @dataclasses.dataclass
@@ -165,12 +226,12 @@ class PolicySamplingConfig:
 
     enabled: bool = False
     prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: synthetic train prompts
-    num_prompts: int = 400
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    batch_size: int = 64  # prompts per generate call
+    num_prompts: int = bounded(400, ge=1)
+    samples_per_prompt: int = bounded(8, ge=1)
+    temperature: float = bounded(1.0, ge=0.0)  # 0 = greedy
+    top_p: float = bounded(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = bounded(48, ge=1)
+    batch_size: int = bounded(64, ge=1)  # prompts per generate call
 
 
 @dataclasses.dataclass
@@ -198,10 +259,10 @@ class RewardConfig:
     """Conditional reward model: ranking loss, log-barrier penalty, condition prompts."""
 
     loss: Literal["bradley_terry", "focal_ranking"] = "focal_ranking"
-    gamma: float = 2.0  # difficulty decay of the focal ranking loss
-    barrier_weight: float = 0.02  # λ of the log barrier (paper 0.02; xtuner 0.01); 0 turns it off
-    bound: float = 5.0  # scores are kept inside (−bound, bound)
-    near_barrier: float = 0.9  # report the share of |score| ≥ near_barrier·bound
+    gamma: float = bounded(2.0, ge=0.0)  # difficulty decay of the focal ranking loss
+    barrier_weight: float = bounded(0.02, ge=0.0)  # λ of the log barrier (paper 0.02; xtuner 0.01); 0 turns it off
+    bound: float = bounded(5.0, gt=0.0)  # scores are kept inside (−bound, bound)
+    near_barrier: float = bounded(0.9, gt=0.0, le=1.0)  # report the share of |score| ≥ near_barrier·bound
     reward_token: str | None = None  # appended token whose hidden state is scored (InternLM2); must exist in the vocab
     conditions: dict[str, str] = dataclasses.field(default_factory=_default_conditions)
 
@@ -225,20 +286,21 @@ class SampledPairsConfig(PolicySamplingConfig):
     `output_dir/round-k` whose policy is round k−1's export, so its pairs come from the policy as trained so far.
     """
 
-    max_pairs_per_prompt: int = 3  # correctness pairs (the paper: up to 15)
-    dropout_ntp_share: float = 0.0  # prompts with a correct sample that also get a Dropout-NTP pair
-    rounds: int = 1  # sample → train rounds; a finished round (its summary.json exists) is skipped on rerun
+    max_pairs_per_prompt: int = bounded(3, ge=1)  # correctness pairs (the paper: up to 15)
+    dropout_ntp_share: float = bounded(0.0, **SHARE)  # prompts with a correct sample that also get a Dropout-NTP pair
+    rounds: int = bounded(1, ge=1)  # sample → train rounds; a finished round (its summary.json exists) is skipped on rerun
     update_reference: bool = False  # each round's reference is that round's starting policy (default: the first round's)
-    round_index: int = 0  # set by the online runner for each round's job (sampling seed, rollout round); leave at 0
+    round_index: int = bounded(0, ge=0)  # set by the online runner for each round's job (sampling seed, rollout round); leave at 0
 
 
 @dataclasses.dataclass
 class MPOConfig:
     """Mixed preference optimisation (InternVL2.5-MPO): weighted registered losses over policy/reference log-ratios."""
 
-    beta: float = 0.1
-    # name → weight; names from align/losses/preference.py (sigmoid, bco_pair, sft, sft_sequence, ipo, hinge)
-    losses: dict[str, float] = dataclasses.field(default_factory=_mpo_losses)
+    beta: float = bounded(0.1, gt=0.0)
+    # name → weight; preference-family names from align/losses/preference.py (sigmoid, bco_pair, sft, sft_sequence, ipo, hinge),
+    # checked by `align mpo` before the trainer loads
+    losses: dict[str, float] = bounded(factory=_mpo_losses, ge=0.0)
     running_delta: bool = True  # BCO's δ = running mean of past rewards; false pins δ = 0 (TRL 1.16's bco_pair)
     # where reference log-probs come from: a frozen copy (ZeRO-3 eval partitioning under DeepSpeed),
     # the policy with its LoRA adapters disabled, or one pass before training cached on disk
@@ -246,6 +308,14 @@ class MPOConfig:
     reference_path: str | None = None  # default: model.name_or_path (the starting policy)
     cache_dir: str = "runs/.cache/reference_logprobs"  # precomputed log-probs, keyed by data and model identity
     sampled_pairs: SampledPairsConfig = dataclasses.field(default_factory=SampledPairsConfig)
+    # the conditions a preference row may name (a row naming another one is a bad row, as the RM treats it); MPO has no
+    # condition prompts, so the default is the reward model's default condition names (rewards/conditions.py)
+    conditions: list[str] = dataclasses.field(default_factory=lambda: sorted(_default_conditions()))
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not any(w > 0 for w in self.losses.values()):
+            return [("losses", f"needs at least one loss with a weight > 0, got {self.losses}")]
+        return []
 
 
 @dataclasses.dataclass
@@ -264,10 +334,10 @@ def _rlhf_routes() -> dict[str, dict[str, float]]:
 class DetectorConfig:
     """Reward-hacking detectors run between rounds on the round's early vs. late samples (COOL RLHF fast path)."""
 
-    accuracy_drop: float = 0.02  # reward rose while verifier accuracy fell by more than this
-    length_ratio: float = 1.5  # late mean response length over early
-    truncated_share: float = 0.2  # late share of responses cut at max_new_tokens
-    repetition_share: float = 0.1  # late share of responses repeating a word 3-gram three times or more
+    accuracy_drop: float = bounded(0.02, ge=0.0)  # reward rose while verifier accuracy fell by more than this
+    length_ratio: float = bounded(1.5, gt=0.0)  # late mean response length over early
+    truncated_share: float = bounded(0.2, **SHARE)  # late share of responses cut at max_new_tokens
+    repetition_share: float = bounded(0.1, **SHARE)  # late share of responses repeating a word 3-gram three times or more
 
 
 @dataclasses.dataclass
@@ -277,36 +347,36 @@ class PPOConfig:
     reward_model: str = "runs/rm-quickstart/model"  # a conditional RM from `align rm`; also the critic's start
     routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rlhf_routes)  # condition → {rm | verifier: weight}
     prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: the synthetic train prompts
-    num_prompts: int = 2000  # prompt pool, cycled in a seeded order
-    rounds: int = 1
-    iterations_per_round: int = 20
-    prompts_per_iteration: int = 32  # across all ranks; divisible by the world size
-    samples_per_prompt: int = 1
-    ppo_epochs: int = 1
-    mini_batches: int = 1  # optimizer steps per PPO epoch; train.micro_batch_size rollouts per micro-step
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    generation_batch_size: int = 64  # prompts per generate call
+    num_prompts: int = bounded(2000, ge=1)  # prompt pool, cycled in a seeded order
+    rounds: int = bounded(1, ge=1)
+    iterations_per_round: int = bounded(20, ge=1)
+    prompts_per_iteration: int = bounded(32, ge=1)  # across all ranks; divisible by the world size
+    samples_per_prompt: int = bounded(1, ge=1)
+    ppo_epochs: int = bounded(1, ge=1)
+    mini_batches: int = bounded(1, ge=1)  # optimizer steps per PPO epoch; train.micro_batch_size rollouts per micro-step
+    temperature: float = bounded(1.0, ge=0.0)  # 0 = greedy
+    top_p: float = bounded(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = bounded(48, ge=1)
+    generation_batch_size: int = bounded(64, ge=1)  # prompts per generate call
     truncated: Literal["penalty", "drop"] = "penalty"  # responses that hit max_new_tokens: add the penalty, or train on none of their tokens
     truncation_penalty: float = -1.0
-    kl_coef: float = 0.01
+    kl_coef: float = bounded(0.01, ge=0.0)
     kl_estimator: Literal["k1", "k3"] = "k1"
-    gamma: float = 1.0
-    lam: float = 0.99
-    clip: float = 0.2
-    value_clip: float | None = None  # off in InternLM2
+    gamma: float = bounded(1.0, **SHARE)
+    lam: float = bounded(0.99, **SHARE)
+    clip: float = bounded(0.2, gt=0.0)
+    value_clip: float | None = bounded(None, gt=0.0)  # off in InternLM2
     whiten_advantages: bool = False
-    reward_clip: float = 5.0
+    reward_clip: float = bounded(5.0, gt=0.0)
     normalize_reward: bool = True  # running mean/std of the clipped score, over all ranks (xtuner)
-    critic_lr: float = 5e-6
-    critic_warmup_iterations: int = 50  # critic-only iterations before the actor moves
-    ptx_coef: float = 0.5  # pretraining (SFT) loss on data.train
-    ptx_rows: int = 1  # packed data.train rows per rank per micro-step
+    critic_lr: float = bounded(5e-6, gt=0.0)
+    critic_warmup_iterations: int = bounded(50, ge=0)  # critic-only iterations before the actor moves
+    ptx_coef: float = bounded(0.5, ge=0.0)  # pretraining (SFT) loss on data.train
+    ptx_rows: int = bounded(1, ge=1)  # packed data.train rows per rank per micro-step
     comparisons_dir: str | None = None  # slow path: externally labelled comparison JSONL files ingested between rounds
-    rm_update_steps: int = 0  # fast path: reward-model steps on early-vs-late comparisons (+ ingested ones) between rounds
-    rm_update_lr: float = 1e-5
-    rm_update_batch: int = 16  # pairs per reward-model step
+    rm_update_steps: int = bounded(0, ge=0)  # fast path: reward-model steps on early-vs-late comparisons (+ ingested ones) between rounds
+    rm_update_lr: float = bounded(1e-5, gt=0.0)
+    rm_update_batch: int = bounded(16, ge=1)  # pairs per reward-model step
     detectors: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
 
 
@@ -376,7 +446,30 @@ def build(cls: type[T], data: Any, source: str = "<config>", prefix: str = "") -
             hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{source}: unknown key {_join(prefix, key)!r}{hint}")
     kwargs = {name: _coerce(hints[name], data[name], source, _join(prefix, name)) for name in names if name in data}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    _check_settings(built, data, source, prefix)
+    return built
+
+
+def _check_settings(obj: Any, data: dict, source: str, prefix: str) -> None:
+    """Each field's declared bounds (`bounded`), then the section's own cross-field checks (`problems()`)."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("bounds")
+        if bounds is not None:
+            _check_bounds(bounds, getattr(obj, f.name), data.get(f.name, getattr(obj, f.name)), source, _join(prefix, f.name))
+    for key, problem in getattr(obj, "problems", lambda: [])():
+        raise ConfigError(f"{source}: {_join(prefix, key)}: {problem}")
+
+
+def _check_bounds(bounds: Bounds, value: Any, raw: Any, source: str, path: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_bounds(bounds, v, raw.get(k, v) if isinstance(raw, dict) else v, source, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_bounds(bounds, v, raw[i] if isinstance(raw, list) and i < len(raw) else v, source, f"{path}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not bounds.holds(value):
+        raise ConfigError(f"{source}: {path}: must be {bounds.describe()}, got {raw}")
 
 
 def _join(prefix: str, key: str) -> str:

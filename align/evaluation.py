@@ -23,10 +23,14 @@ from rewards.verifiers import task_score
 
 
 def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "heldout") -> list[dict]:
-    """Prompts with ground truth: a JSONL file (messages, condition, answer, unsafe) or the synthetic suite's `split`."""
+    """Prompts with ground truth: a JSONL file (messages, condition, answer, unsafe) or the synthetic suite's `split`.
+
+    A row without a `uid` gets `prompt-<index in the file>` here, before any rank takes its shard, so a prompt's id
+    (which groups its samples in the rollout buffer) is the same on every rank and never collides across ranks.
+    """
     if path:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        return rows[:num_prompts]
+        return [{**row, "uid": str(row.get("uid") or f"prompt-{i}")} for i, row in enumerate(rows[:num_prompts])]
     task = SyntheticTask(synthetic.seed, synthetic.digits, synthetic.concise_share, synthetic.system_share)
     return task.rl_prompts(num_prompts, split=split)
 

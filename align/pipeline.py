@@ -12,8 +12,10 @@ directory; any `{stage.<key>}` reads a top-level summary key. Each stage runs as
 (`python -m align <command>`, or under `launcher` when given), in `output_dir/<name>`, logging to
 `output_dir/<name>/stage.log`.
 
-Resumable: a stage whose `summary.json` exists and whose resolved recipe is unchanged (its fingerprint is
-stored in `pipeline_stage.json`) is skipped; a changed recipe re-runs the stage and every stage after it.
+Resumable: a stage whose `summary.json` exists and whose resolved recipe is unchanged (its fingerprint,
+`align.run_state.recipe_fingerprint`, is stored in `pipeline_stage.json`) is skipped; a changed recipe re-runs the
+stage and every stage after it, each starting clean (`train.resume=false`: no checkpoint or sample of the old
+recipe is reused). A stage that was interrupted with its recipe unchanged resumes from its checkpoints.
 A failed stage stops the pipeline, names its log, and leaves earlier outputs intact.
 """
 
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import RECIPES, ConfigError, load_recipe, read_yaml_mapping, to_dict
+from align.run_state import SUMMARY, checkpoint_manifests, read_json, recipe_fingerprint
 
 REFERENCE = re.compile(r"\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_]+)\}")
 STAGE_FILE = "pipeline_stage.json"
@@ -108,10 +111,35 @@ def resolve_overrides(stage: Stage, outputs: dict[str, dict[str, Any]], stage_di
 
 
 def fingerprint(stage: Stage, overrides: list[str]) -> str:
-    """Hash of the stage's fully resolved recipe (the config file's content after overrides)."""
+    """The fingerprint of the stage's fully resolved recipe (the one its checkpoints and summary.json record)."""
+    return recipe_fingerprint(load_recipe(RECIPES[stage.command], stage.config, overrides))
+
+
+def legacy_fingerprint(stage: Stage, overrides: list[str]) -> str:
+    """What `pipeline_stage.json` stored before the shared fingerprint (a hash of the whole recipe), still honoured."""
     recipe = load_recipe(RECIPES[stage.command], stage.config, overrides)
     blob = json.dumps({"command": stage.command, "recipe": to_dict(recipe)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_plan(stage: Stage, overrides: list[str], stage_dir: Path, rerun_rest: bool) -> tuple[bool, bool, str]:
+    """(skip, start clean, fingerprint): skip a finished unchanged stage; start clean when its recipe or its inputs changed.
+
+    Inputs changed: an earlier stage re-ran (its export has the same path, new weights). Recipe changed: the stage's
+    marker, summary or checkpoints record another fingerprint. Otherwise an unfinished stage resumes.
+    """
+    digest = fingerprint(stage, overrides)
+    marker = read_json(stage_dir / STAGE_FILE)
+    summary = read_json(stage_dir / SUMMARY)
+    if marker is not None and marker.get("fingerprint") == legacy_fingerprint(stage, overrides):
+        marker["fingerprint"] = digest
+    if rerun_rest:
+        return False, True, digest
+    if marker is not None and summary is not None and marker.get("fingerprint") == digest:
+        return True, False, digest
+    recorded = {m.get("fingerprint") for _, m in checkpoint_manifests(stage_dir)} | {(summary or {}).get("recipe_fingerprint")}
+    recorded |= {marker.get("fingerprint")} if marker else set()
+    return False, bool(recorded - {None, digest}), digest
 
 
 def run_stage(stage: Stage, overrides: list[str], stage_dir: Path, launcher: list[str]) -> None:
@@ -139,19 +167,18 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> dict[str, Any]:
     for stage in pipeline.stages:
         stage_dir = root / stage.name
         overrides = resolve_overrides(stage, outputs, stage_dir)
-        digest = fingerprint(stage, overrides)
-        summary_path, marker = stage_dir / "summary.json", stage_dir / STAGE_FILE
-        done = summary_path.exists() and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == digest
-        skip = done and not rerun_rest
+        skip, clean, digest = stage_plan(stage, overrides, stage_dir, rerun_rest)
+        summary_path, marker = stage_dir / SUMMARY, stage_dir / STAGE_FILE
         if skip:
             echo(f"[pipeline] {stage.name}: unchanged, skipped ({stage_dir})")
             wall = json.loads(marker.read_text()).get("wall_s")
         else:
             rerun_rest = True  # a re-run stage changes the inputs of every later one
             marker.unlink(missing_ok=True)
-            echo(f"[pipeline] {stage.name}: align {stage.command} --config {stage.config} → {stage_dir}")
+            how = " (starting clean)" if clean else ""
+            echo(f"[pipeline] {stage.name}: align {stage.command} --config {stage.config} → {stage_dir}{how}")
             started = time.perf_counter()
-            run_stage(stage, overrides, stage_dir, pipeline.launcher)
+            run_stage(stage, overrides + (["train.resume=false"] if clean else []), stage_dir, pipeline.launcher)
             wall = round(time.perf_counter() - started, 1)
             marker.write_text(json.dumps({"fingerprint": digest, "wall_s": wall, "overrides": overrides}, indent=1))
         summary = json.loads(summary_path.read_text())

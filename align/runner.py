@@ -1,8 +1,13 @@
-"""Runs one job end to end: engine → trainer setup → the loop → export → summary.json."""
+"""Runs one job end to end: run-dir check → engine → trainer setup → the loop → export → summary.json.
+
+A job whose `summary.json` records the same recipe fingerprint is finished: it is reported and not trained again
+unless `train.resume=false` (align/run_state.py, which also refuses to continue a run of another recipe).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,12 +15,18 @@ from typing import Any
 from align.engine.checkpoint import export_model
 from align.engine.core import Engine
 from align.engine.loop import fit
+from align.run_state import check_run_dir, prepare_run_dir, recipe_fingerprint
 
 
 def run_job(trainer_cls: type, recipe: Any, end_training: bool = True) -> dict:
     """`end_training=False` keeps the process group up for another job in the same process (online MPO's next round)."""
     started = time.perf_counter()
+    fingerprint = recipe_fingerprint(recipe)
+    finished = check_run_dir(recipe, fingerprint, is_main=os.environ.get("RANK", "0") == "0")
+    if finished is not None:
+        return finished
     engine = Engine.create(recipe)
+    prepare_run_dir(recipe, engine.accelerator)
     trainer = trainer_cls(recipe, engine)
     trainer.setup()
     result = fit(engine, trainer)
@@ -37,6 +48,7 @@ def run_job(trainer_cls: type, recipe: Any, end_training: bool = True) -> dict:
         "model_path": str(model_dir.resolve()),
         "data": trainer.data_stats,
         "unused_rows_per_epoch": result["plan"].unused_rows_per_epoch,
+        "recipe_fingerprint": fingerprint,
     }
     if samples is not None:
         summary["eval_samples"] = samples

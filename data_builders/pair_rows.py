@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data_builders.errors import UserError
 from data_builders.packing import pack_best_fit
 
 PREFIX, CHOSEN, REJECTED = 0, 1, 2
@@ -162,7 +163,7 @@ def attention_bias(mask: torch.Tensor | None, attn_implementation: str, dtype: t
     if mask is None:
         return None
     if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"shared-prefix pair rows need a 4-D attention mask, which {attn_implementation!r} attention does not take; "
+        raise UserError(f"shared-prefix pair rows need a 4-D attention mask, which {attn_implementation!r} attention does not take; "
                          "set data.share_prefix: false (or leave it null) or use attn_implementation sdpa")
     if attn_implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)

@@ -8,18 +8,19 @@ Each side is rendered with the chat template as prompt + assistant reply. The re
 log-prob targets) are those after the prompt's generation header, end-of-turn token included. A pair
 whose chosen equals its rejected, whose response is empty, or whose prompt alone does not fit
 `max_length` follows the bad-row policy; a response that does not fit is cut (`truncation: right`),
-dropped to quarantine (`drop`), or an error (`error`).
+dropped to quarantine (`drop`), or an error (`error`). Given the recipe's known `conditions`, a row naming
+another condition is a bad row too (field `condition`), as it is for the reward model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from data_builders.bad_rows import BadRowError, BadRowPolicy
+from data_builders.bad_rows import BadRowError, BadRowPolicy, no_usable_rows
 from data_builders.readers import read_rows
 from data_builders.render import render_conversation, render_prompt
 from data_builders.synthetic import SyntheticTask
@@ -123,25 +124,41 @@ def preference_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy
         syn = data.synthetic
         task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
         n = source.max_rows or (syn.train_rows if split == "train" else syn.eval_rows)
-        for i, row in enumerate(task.preference_pairs(n, split="train" if split == "train" else "heldout")):
+        for i, row in enumerate(task.preference_pairs(n, split="train" if split == "train" else "heldout"), start=1):
             yield f"synthetic-pairs[{split}]", i, row
     else:
         yield from read_rows(source.path, source.split, source.max_rows, policy)
 
 
+def check_condition(condition: Any, conditions: Collection[str] | None, origin: str, row: int) -> None:
+    """A row's `condition` is absent, or a string among the known `conditions` (None: any string)."""
+    if condition is None:
+        return
+    if not isinstance(condition, str):
+        raise BadRowError(origin, row, "condition", f"expected a string, got {type(condition).__name__}")
+    if conditions is not None and condition not in conditions:
+        raise BadRowError(origin, row, "condition", f"unknown condition {condition!r}; configured: {sorted(conditions)}")
+
+
 def build_preference_pairs(
     sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train",
-    extra_rows: Iterable[tuple[str, int, Any]] = (),
+    extra_rows: Iterable[tuple[str, int, Any]] = (), conditions: Collection[str] | None = None,
 ) -> list[PreferencePair]:  # fmt: skip
-    """Tokenised pairs from the sources plus `extra_rows` ((origin, row, raw) triples, e.g. pairs built from samples)."""
-    pairs = []
-    for source_rows in [*(preference_rows(source, data, policy, split) for source in sources), extra_rows]:
+    """Tokenised pairs from the sources plus `extra_rows` ((origin, row, raw) triples, e.g. pairs built from samples).
+
+    With `conditions`, a source row whose condition is not among them is a bad row (extra rows carry the conditions of the
+    prompts they were sampled from, and are not checked).
+    """
+    pairs, skipped_before = [], policy.count
+    streams = [(preference_rows(source, data, policy, split), conditions) for source in sources] + [(extra_rows, None)]
+    for source_rows, known in streams:
         for origin, row, raw in source_rows:
             try:
                 prompt, chosen, rejected, condition = parse_preference(raw, origin, row)
+                check_condition(condition, known, origin, row)
                 pairs.append(tokenize_preference(tokenizer, prompt, chosen, rejected, data.max_length, data.truncation, origin, row, condition))
             except BadRowError as err:
                 policy.handle(err, raw)
     if not pairs:
-        raise ValueError(f"no usable {split} preference pairs (see quarantine.jsonl)")
+        raise no_usable_rows("preference pairs", split, policy, policy.count - skipped_before)
     return pairs

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from data_builders.errors import UserError, UserTypeError
 
-class TemplateError(ValueError):
+
+class TemplateError(UserError):
     """The chat template re-renders earlier turns differently; spans cannot be diffed."""
 
 
@@ -53,7 +55,8 @@ def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict
 def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> Rendered:
     """Token ids and the assistant-only loss mask of one conversation."""
     if not tokenizer.is_fast:
-        raise TypeError("align needs a fast tokenizer (character offsets) to place assistant labels")
+        raise UserTypeError(f"align needs a fast tokenizer (character offsets) to place assistant labels; {tokenizer.name_or_path!r} is a slow one: "
+                            "point model.tokenizer at one with a tokenizer.json")
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = []

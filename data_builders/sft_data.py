@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from data_builders.bad_rows import BadRowError, BadRowPolicy
+from data_builders.bad_rows import BadRowError, BadRowPolicy, no_usable_rows
 from data_builders.conversations import normalize
+from data_builders.errors import UserError
 from data_builders.readers import read_rows
 from data_builders.render import render_conversation
 from data_builders.samples import Sample
@@ -21,10 +22,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataStats:
+    """Rows of one split: `kept` + `skipped` = `rows`; `truncated` counts kept rows only (a skipped row is never truncated)."""
+
     rows: int = 0
     kept: int = 0
     truncated: int = 0
-    skipped: int = 0
+    skipped: int = 0  # every row of this split the bad-row policy quarantined, unreadable lines included
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -37,7 +40,7 @@ def source_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, sp
         task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
         n = syn.train_rows if split == "train" else syn.eval_rows
         rows = task.sft_conversations(source.max_rows or n, split="train" if split == "train" else "heldout")
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows, start=1):
             yield f"synthetic[{split}]", i, row
     else:
         yield from read_rows(source.path, source.split, source.max_rows, policy)
@@ -51,11 +54,11 @@ def build_samples(
 
     `extra_rows` ((origin, row, raw) triples in `messages` form, e.g. rejection-sampled rows) join the sources' rows.
     """
-    samples, stats = [], DataStats()
+    samples, stats, skipped_before = [], DataStats(), policy.count
     streams = [(source.format, source_rows(source, data, policy, split)) for source in sources] + [("messages", extra_rows)]
     for fmt, rows in streams:
         for origin, index, raw in rows:
-            stats.rows += 1
+            truncated = False
             try:
                 conv = normalize(raw, origin, index, fmt, data.system_prompt)
                 rendered = render_conversation(tokenizer, conv.messages)
@@ -65,22 +68,25 @@ def build_samples(
                         raise BadRowError(origin, index, "messages", f"{len(ids)} tokens exceed max_length {data.max_length}")
                     if data.truncation == "drop":
                         raise BadRowError(origin, index, "messages", f"dropped: {len(ids)} tokens exceed max_length {data.max_length}")
-                    ids, mask = ids[: data.max_length], mask[: data.max_length]
-                    stats.truncated += 1
+                    ids, mask, truncated = ids[: data.max_length], mask[: data.max_length], True
                 if sum(mask[1:]) == 0:
                     raise BadRowError(origin, index, "messages", f"no assistant tokens within max_length {data.max_length}")
             except BadRowError as err:
                 policy.handle(err, raw)
-                stats.skipped += 1
                 continue
             samples.append(Sample(ids, mask, f"{origin}:{index}", conv.condition))
             stats.kept += 1
-    if stats.rows and stats.truncated / stats.rows > data.max_truncated_share:
-        raise ValueError(
-            f"{stats.truncated} of {stats.rows} {split} rows ({stats.truncated / stats.rows:.1%}) were truncated to "
+            stats.truncated += truncated
+    stats.skipped = policy.count - skipped_before
+    stats.rows = stats.kept + stats.skipped
+    if not samples:
+        raise no_usable_rows("rows", split, policy, stats.skipped)
+    if stats.truncated / stats.kept > data.max_truncated_share:
+        policy.write()
+        raise UserError(
+            f"{stats.truncated} of {stats.kept} {split} rows ({stats.truncated / stats.kept:.1%}) were truncated to "
             f"max_length {data.max_length}, over data.max_truncated_share={data.max_truncated_share}; "
             "raise max_length or the cap, or set data.truncation=drop"
+            + (f" ({stats.skipped} bad rows skipped, not counted; quarantined in {policy.where()})" if stats.skipped else "")
         )
-    if not samples:
-        raise ValueError(f"no usable {split} rows ({stats.skipped} skipped; see quarantine.jsonl)")
     return samples, stats

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from data_builders.errors import UserKeyError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -20,9 +22,8 @@ DEFAULT_CONDITIONS = {
 }
 
 
-class UnknownConditionError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownConditionError(UserKeyError):
+    """A condition no configured prompt knows (a KeyError too, for callers that catch one)."""
 
 
 def condition_messages(conditions: dict[str, str], condition: str | None, messages: list[dict]) -> list[dict]:

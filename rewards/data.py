@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from data_builders.bad_rows import BadRowError, BadRowPolicy
+from data_builders.bad_rows import BadRowError, BadRowPolicy, no_usable_rows
 from data_builders.preference_data import parse_preference, preference_rows
 from rewards.conditions import UnknownConditionError, render_for_reward
 
@@ -55,7 +55,7 @@ def build_pairs(
     reward_token_id: int | None = None,
     split: str = "train",
 ) -> list[Pair]:
-    pairs = []
+    pairs, skipped_before = [], policy.count
     for source in sources:
         for origin, row, raw in preference_rows(source, data, policy, split):
             try:
@@ -71,5 +71,5 @@ def build_pairs(
                 continue
             pairs.append(Pair(ids[0], ids[1], condition, margin, f"{origin}:{row}", tag))
     if not pairs:
-        raise ValueError(f"no usable {split} comparison pairs (see quarantine.jsonl)")
+        raise no_usable_rows("comparison pairs", split, policy, policy.count - skipped_before)
     return pairs

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from data_builders.errors import UserKeyError
+
 LOSS_FAMILIES = ("preference", "ranking", "sft")
 LOSSES: dict[str, tuple[str, Callable]] = {}  # name → (family, fn)
 
@@ -38,8 +40,8 @@ def get_loss(name: str, family: str | None = None) -> Callable:
     """The loss `name`; with `family`, a loss of another family is an error naming the ones that fit."""
     if name not in LOSSES:
         scope = losses_of(family) if family else sorted(LOSSES)
-        raise KeyError(f"unknown loss {name!r}; registered{f' {family}' if family else ''} losses: {scope}")
+        raise UserKeyError(f"unknown loss {name!r}; registered{f' {family}' if family else ''} losses: {scope}")
     found, fn = LOSSES[name]
     if family is not None and found != family:
-        raise KeyError(f"loss {name!r} is a {found} loss, not a {family} loss; {family} losses: {losses_of(family)}")
+        raise UserKeyError(f"loss {name!r} is a {found} loss, not a {family} loss; {family} losses: {losses_of(family)}")
     return fn

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from data_builders.errors import UserError, UserKeyError
 from data_builders.packing import pack_best_fit
 from rewards.conditions import render_for_reward
 from rewards.model import pack_documents, packed_scores
@@ -50,38 +51,53 @@ class RewardRouter:
         reward_token_id: int | None = None,
         verifier_args: dict[str, dict[str, Any]] | None = None,
         row_tokens: int = 2048,
+        autocast_dtype: torch.dtype | None = None,
     ):
         for condition, route in routes.items():
             unknown = set(route) - set(VERIFIERS) - {"rm"}
             if unknown:
-                raise ValueError(f"route {condition!r}: unknown components {sorted(unknown)}; choose from rm, {', '.join(VERIFIERS)}")
+                raise UserError(f"route {condition!r}: unknown components {sorted(unknown)}; choose from rm, {', '.join(VERIFIERS)}")
             if "rm" in route and reward_model is None:
-                raise ValueError(f"route {condition!r} uses 'rm' but no reward model was given")
+                raise UserError(f"route {condition!r} uses 'rm' but no reward model was given")
         self.routes, self.model, self.tokenizer = routes, reward_model, tokenizer
         self.conditions, self.stats = conditions or {}, stats or {}
         self.reward_token_id, self.verifier_args, self.row_tokens = reward_token_id, verifier_args or {}, row_tokens
+        self.autocast_dtype = autocast_dtype  # an fp32 (trainable) reward model still scores in the compute dtype on GPUs
 
     def route(self, condition: str) -> dict[str, float]:
         if condition in self.routes:
             return self.routes[condition]
         if "default" in self.routes:
             return self.routes["default"]
-        raise KeyError(f"no route for condition {condition!r} (routes: {sorted(self.routes)})")
+        raise UserKeyError(f"no route for condition {condition!r} (routes: {sorted(self.routes)}); add one, or a 'default' route")
 
     @torch.no_grad()
-    def rm_scores(self, samples: Sequence[Sample]) -> torch.Tensor:
-        """Reward-model scores, packed many samples to a row; normalised per condition when stats are known."""
+    def rm_scores(self, samples: Sequence[Sample], normalize: bool = True) -> torch.Tensor:
+        """Reward-model scores, packed many samples to a row; normalised per condition when stats are known (and asked for)."""
         docs = [render_for_reward(self.tokenizer, self.conditions, s["condition"], s["prompt"], s["response"], self.reward_token_id) for s in samples]
-        device = next(self.model.parameters()).device
+        param = next(self.model.parameters())
+        device = param.device
+        cast = self.autocast_dtype is not None and self.autocast_dtype != param.dtype
         out = torch.empty(len(docs))
         for row in pack_best_fit([len(d) for d in docs], max(self.row_tokens, max(map(len, docs)))):
             input_ids, position_ids, ends, _ = pack_documents([[docs[i] for i in row]], self.tokenizer.pad_token_id)
-            out[row] = packed_scores(self.model, input_ids.to(device), position_ids.to(device), ends.to(device)).cpu()
+            with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=cast):
+                out[row] = packed_scores(self.model, input_ids.to(device), position_ids.to(device), ends.to(device)).float().cpu()
+        if not normalize:
+            return out
         for i, s in enumerate(samples):
             stat = self.stats.get(s["condition"])
             if stat:
                 out[i] = (out[i] - stat["mean"]) / max(stat["std"], 1e-6)
         return out
+
+    def condition_stats(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+        """Per-condition mean/std of the raw reward-model scores of `samples` (to renormalise after the model changed)."""
+        raw = self.rm_scores(samples, normalize=False)
+        groups: dict[str, list[float]] = defaultdict(list)
+        for s, value in zip(samples, raw.tolist(), strict=True):
+            groups[s["condition"]].append(value)
+        return {c: {"mean": float(torch.tensor(v).mean()), "std": float(torch.tensor(v).std(correction=0))} for c, v in sorted(groups.items())}
 
     def score(self, samples: Sequence[Sample]) -> RouterResult:
         routes = [self.route(s["condition"]) for s in samples]

@@ -29,6 +29,16 @@ CASES = [
      ["ppo.reward_model 'runs/no-such-rm/model' does not exist", "`align rm --config configs/rm/quickstart.yaml`"]),
     (["bon", "--config", "configs/bon/quickstart.yaml", "--set", "model.name_or_path=builtin:tiny", "--set", "bon.reward_model=runs/no-such-rm/model"],
      ["bon.reward_model 'runs/no-such-rm/model' does not exist"]),
+    # settings out of range, unknown built-ins, missing tokenizer and data paths: also before torch
+    (["sft", "--config", "configs/sft/quickstart.yaml", "--set", "optim.lr=0"], ["optim.lr: must be > 0, got 0"]),
+    (["sft", "--config", "configs/sft/quickstart.yaml", "--set", "train.max_steps=-2"], ["train.max_steps: must be >= 1 or -1, got -2"]),
+    (["rm", "--config", "configs/rm/quickstart.yaml", "--set", "model.name_or_path=builtin:tiny", "--set", "reward.near_barrier=2"],
+     ["reward.near_barrier: must be in (0, 1], got 2"]),
+    (["sft", "--config", "configs/sft/quickstart.yaml", "--set", "model.name_or_path=builtin:huge"], ["unknown built-in model 'builtin:huge'"]),
+    (["sft", "--config", "configs/sft/quickstart.yaml", "--set", "model.tokenizer=./no-such-tokenizer"],
+     ["model.tokenizer './no-such-tokenizer' does not exist"]),
+    (["sft", "--config", "configs/sft/quickstart.yaml", "--set", "data.train=[{path: ./data/no-such-train}]"],
+     ["data.train[0].path './data/no-such-train' does not exist"]),
 ]  # fmt: skip
 
 
@@ -41,4 +51,5 @@ def test_bad_recipes_and_missing_models_fail_before_torch_loads(tmp_path):
     for (code, stderr), (argv_case, expected) in zip(report["results"], CASES, strict=True):
         assert code == 2, (argv_case, stderr)
         assert all(text in stderr for text in expected), (argv_case, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("align: "), (argv_case, stderr)  # one line
     assert not report["torch_imported"]

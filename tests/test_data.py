@@ -74,7 +74,7 @@ def test_skip_policy_quarantines_everything_it_drops(tmp_path, tokenizer):
     cfg = _data(tmp_path, on_bad_row="skip")
     policy = BadRowPolicy("skip")
     samples, stats = build_samples(cfg.train, cfg, tokenizer, policy)
-    assert len(samples) == 2 and stats.skipped == 1 and policy.count == 2
+    assert len(samples) == 2 and stats.skipped == 2 and policy.count == 2 and stats.rows == 4  # the unparsable line counts too
     policy.write(tmp_path / "quarantine.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["row"], q["field"]) for q in lines] == [(2, "messages"), (4, "<json>")]
@@ -102,7 +102,7 @@ def test_parquet_and_hf_dataset_readers(tmp_path):
     ds = datasets.Dataset.from_list([GOOD, GOOD])
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
-    assert [r[1] for r in read_rows(str(tmp_path / "d.parquet"))] == [0, 1]
+    assert [r[1] for r in read_rows(str(tmp_path / "d.parquet"))] == [1, 2]  # 1-based, as JSONL line numbers are
     rows = list(read_rows(str(tmp_path / "saved"), max_rows=1))
     assert len(rows) == 1 and rows[0][2]["messages"][1]["content"] == "Final Answer: 1"
 

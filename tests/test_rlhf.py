@@ -164,7 +164,7 @@ def test_slow_path_rows_are_checked_and_the_rm_update_fixes_them(tmp_path, sft_c
     found = read_comparison_files(folder, set())
     assert [Path(p).name for p, _ in found] == ["a.jsonl", "b.jsonl"]
     assert read_comparison_files(folder, {p for p, _ in found}) == []
-    with pytest.raises(BadRowError, match=r"b\.jsonl: row 0: field 'condition'"):
+    with pytest.raises(BadRowError, match=r"b\.jsonl: row 1: field 'condition'"):
         comparison_pairs(found[1][1], tokenizer, DEFAULT_CONDITIONS, found[1][0], BadRowPolicy("error"), 256)
     pairs = comparison_pairs(found[0][1], tokenizer, DEFAULT_CONDITIONS, found[0][0], BadRowPolicy("error"), 256)
     model = load_reward_model(ModelConfig(name_or_path=str(tiny_rm)), tokenizer).eval().requires_grad_(False)
@@ -275,3 +275,56 @@ def test_a_nan_ppo_step_is_skipped_and_counted_and_k_in_a_row_stop_without_a_che
         run.run()
     assert not list((tmp_path / "stops" / "checkpoints").glob("step-*"))
 
+
+
+def test_rlhf_scores_at_the_reward_token_the_rm_was_trained_with(tmp_path, sft_checkpoint, tiny_rm, monkeypatch):
+    """`align rm` stores its reward token beside the model; RLHF's router and the fast/slow-path comparisons then append it,
+    so the RM is scored where it was trained to be (the token used to be dropped outside `align rm`)."""
+    import align.trainers.rlhf as rlhf
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_rm, rm)
+    info = json.loads((rm / "reward_stats.json").read_text())
+    (rm / "reward_stats.json").write_text(json.dumps({**info, "reward_token": "<|im_start|>"}))
+    folder = tmp_path / "comparisons"
+    folder.mkdir()
+    row = {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": "Final Answer: 4", "rejected": "Final Answer: 5", "condition": "math"}
+    (folder / "labels.jsonl").write_text(json.dumps(row))
+    seen = []
+    real = rlhf.update_reward_model
+    monkeypatch.setattr(rlhf, "update_reward_model", lambda model, pairs, *a, **k: seen.extend(pairs) or real(model, pairs, *a, **k))
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, rm, **{"ppo.comparisons_dir": str(folder), "ppo.rm_update_steps": 1})
+    token = trainer.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert trainer.router.reward_token_id == token
+    trainer.run_iteration(0)
+    trainer.between_rounds(0)
+    assert seen and all(p.chosen[-1] == token and p.rejected[-1] == token for p in seen)
+    with pytest.raises(ValueError, match="was trained with '<\\|im_start\\|>'"):
+        in_process_trainer(tmp_path / "other", sft_checkpoint, rm, **{"reward.reward_token": "<|endoftext|>"})
+
+
+def test_fast_path_rm_update_keeps_fp32_master_weights_and_renormalises(tmp_path, sft_checkpoint, tiny_rm):
+    """With a bf16 compute dtype the RM replica that the fast path trains stays fp32 (a 1e-5 AdamW step survives; in bf16
+    most elements would round back), scores under autocast, and its per-condition stats are re-measured after the update."""
+    folder = tmp_path / "comparisons"
+    folder.mkdir()
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+2?"}], "chosen": f"Final Answer: {i + 2}",
+             "rejected": f"Final Answer: {i + 3}", "condition": "math"} for i in range(8)]  # fmt: skip
+    (folder / "labels.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from accelerate.state import AcceleratorState
+
+    extra = {"model.dtype": "bfloat16", "ppo.comparisons_dir": str(folder), "ppo.rm_update_steps": 2, "ppo.rm_update_lr": 1e-5}
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process tests set fp32 mixed precision
+    trainer = in_process_trainer(tmp_path, sft_checkpoint, tiny_rm, **extra)
+    assert trainer.engine.dtype == torch.bfloat16 and trainer.reference.dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.reward_model.parameters()} == {torch.float32}
+    before = {k: v.clone() for k, v in trainer.reward_model.state_dict().items()}
+    stats_before = json.loads(json.dumps(trainer.router.stats))
+    trainer.run_iteration(0)
+    report = trainer.between_rounds(0)
+    assert report["rm_update"]["steps"] == 2
+    moved = [float((v != before[k]).float().mean()) for k, v in trainer.reward_model.state_dict().items() if v.is_floating_point()]
+    assert max(moved) > 0.5  # most elements of the trained matrices moved
+    assert trainer.router.stats == trainer.state.reward_stats == report["reward_stats"] != stats_before
+    assert set(trainer.router.stats) <= {"math", "concise", "harmless"}
+    AcceleratorState._reset_state(reset_partial_state=True)

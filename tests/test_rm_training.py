@@ -72,3 +72,36 @@ def test_internlm2_recipe_matches_paper():
     assert (r.optim.lr, r.optim.lr * r.optim.min_lr_ratio, r.optim.weight_decay, r.train.epochs) == (1e-5, 5e-6, 0.01, 1.0)
     assert {"helpful", "harmless", "code", "math"} <= set(r.reward.conditions)
     assert load_recipe(RMRecipe, RM_QUICKSTART).reward.loss == "focal_ranking"
+
+
+def test_rm_with_lora_trains_adapters_and_head_and_exports_a_plain_model(tmp_path, sft_checkpoint):
+    """`model.lora` used to be ignored for reward models (the whole backbone trained); now adapters + the scalar head train,
+    and the export is a plain sequence-classification model scoring exactly as the trained adapters did."""
+    import torch
+
+    from align.engine.checkpoint import export_model
+    from align.engine.core import Engine
+    from align.engine.loop import fit
+    from align.trainers.rm import RMTrainer
+    from rewards.model import pair_scores
+
+    overrides = rm_overrides(tmp_path / "rm", sft_checkpoint, steps=3, **{"model.lora.enabled": True, "model.lora.r": 4,
+                                                                        "optim.lr": 1e-2})[1::2]  # fmt: skip
+    recipe = load_recipe(RMRecipe, RM_QUICKSTART, overrides)
+    trainer = RMTrainer(recipe, Engine.create(recipe))
+    trainer.setup()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".score." in n for n in trainable), sorted(trainable)[:5]
+    assert any(".score." in n for n in trainable)
+
+    result = fit(trainer.engine, trainer)
+    result["logger"].close()
+    out = export_model(trainer.engine.accelerator, trainer.model, trainer.tokenizer, tmp_path / "rm" / "model")
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert not any("lora" in k for k in plain.state_dict())
+    batch = trainer.collate([0], "eval")
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(pair_scores(plain, batch.rows)), torch.stack(pair_scores(trainer.model, batch.rows)),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        assert float(torch.stack(pair_scores(plain, batch.rows)).abs().max()) > 0  # the zero-initialised head was trained

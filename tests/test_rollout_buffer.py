@@ -119,3 +119,33 @@ def test_hf_generator_flags_truncation_and_groups_n_per_prompt(tokenizer):
     g = out[0][0]
     assert g.truncated and g.response_ids == [seven] * 5 and g.text == "77777"
     assert tokenizer.decode(g.prompt_ids).endswith("Final Answer: ")
+
+
+def test_prompt_ids_are_fixed_before_sharding_so_ranks_never_share_one(tmp_path, tokenizer):
+    """Prompts without a uid get their index in the file before any rank takes its shard; each rank's rollouts then carry
+    pool-wide ids (a rank-local fallback gave both ranks ids 0, 1, ... and paired answers to different prompts)."""
+    import json
+
+    import pytest
+
+    from align.evaluation import load_prompts
+    from align.rollout.collect import collect_rollouts, verifier_routes
+    from align.rollout.generation import SamplingParams
+    from rewards.router import RewardRouter
+    from tests.conftest import ScriptedGenerator
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}], "condition": "math", "answer": i + 1, "unsafe": False}
+            for i in range(6)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    problems = load_prompts(str(path), None, 6)
+    assert [p["uid"] for p in problems] == [f"prompt-{i}" for i in range(6)]
+    router = RewardRouter(verifier_routes(["math"]))
+    ids = []
+    for rank in range(2):
+        shard = problems[rank::2]
+        rollouts = collect_rollouts(ScriptedGenerator(tokenizer, shard, lambda i: ["right", "wrong"]), router, shard, SamplingParams(8, 2))
+        ids.append({r.prompt_id for r in rollouts})
+    assert ids == [{"prompt-0", "prompt-2", "prompt-4"}, {"prompt-1", "prompt-3", "prompt-5"}]
+    with pytest.raises(ValueError, match="no uid"):
+        collect_rollouts(ScriptedGenerator(tokenizer, rows, lambda i: ["right"]), router, rows, SamplingParams(8, 1))

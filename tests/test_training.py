@@ -196,3 +196,52 @@ def test_gradient_checkpointing_trains_identically(tmp_path):
     align_sft(tmp_path, tiny_overrides(plain, steps=3, **{"eval.enabled": False}))
     align_sft(tmp_path, tiny_overrides(checkpointed, steps=3, **{"eval.enabled": False, "model.gradient_checkpointing": True}))
     torch.testing.assert_close(torch.tensor(losses(checkpointed)), torch.tensor(losses(plain)), rtol=1e-5, atol=1e-5)
+
+
+GUARD_SCRIPT = """
+import json, sys
+import torch
+from align.config import SFTRecipe, load_recipe
+from align.engine.core import Engine
+from align.engine.loop import fit
+from align.trainers.sft import SFTTrainer
+
+calls = {"n": 0}
+
+class Flaky(SFTTrainer):
+    def loss(self, model, batch, totals):
+        calls["n"] += 1
+        loss, metrics = super().loss(model, batch, totals)
+        step = (calls["n"] - 1) // 2 + 1  # 2 micro-batches per rank per step
+        return (loss * float("nan") if step == 2 and self.engine.rank == 1 else loss), metrics
+
+recipe = load_recipe(SFTRecipe, sys.argv[1], sys.argv[3:])
+engine = Engine.create(recipe)
+trainer = Flaky(recipe, engine)
+trainer.setup()
+result = fit(engine, trainer)
+result["logger"].close()
+params = [p for p in trainer.model.parameters()]
+import deepspeed
+with deepspeed.zero.GatheredParameters(params):
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+out = {"rank": engine.rank, "skipped": result["state"].skipped_steps, "steps": result["state"].step, "finite": finite}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_zero3_two_ranks_skip_a_step_poisoned_on_one_rank(tmp_path):
+    """Under ZeRO-3 a NaN loss on one rank is backpropagated (its gradients are reduced into every rank's partition), then
+    the one per-step reduction makes both ranks discard that step; the next steps train on clean, finite weights."""
+    script = tmp_path / "guard.py"
+    script.write_text(GUARD_SCRIPT)
+    overrides = tiny_overrides(tmp_path / "run", steps=4, **{"eval.enabled": False, "train.global_batch_size": 8})
+    cmd = ACCELERATE + ["--num_processes", "2", "--config_file", str(ROOT / "configs" / "accelerate" / "zero3.yaml"),
+                        "--main_process_port", "0", str(script), QUICKSTART, "--"] + overrides  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["skipped"] == 1 and r["steps"] == 4 and r["finite"] for r in results), results
+    series = losses(tmp_path / "run")
+    assert len(series) == 3 and all(map(torch.isfinite, torch.tensor(series)))

@@ -20,6 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+from data_builders.errors import UserError
+from data_builders.paths import MissingPathError
+
 
 @dataclass
 class BatchShape:
@@ -39,12 +42,12 @@ def world_size_from_env() -> int:
 def resolve_batch_shape(micro: int, accumulation: int | None, global_batch: int | None, world_size: int) -> BatchShape:
     """global batch = micro × accumulation × world size; derive the missing one or explain the mismatch."""
     if micro < 1:
-        raise ValueError(f"train.micro_batch_size must be >= 1, got {micro}")
+        raise UserError(f"train.micro_batch_size must be >= 1, got {micro}")
     if accumulation is None:
         if global_batch is None:
             accumulation = 1
         elif global_batch % (micro * world_size) or global_batch < micro * world_size:
-            raise ValueError(
+            raise UserError(
                 f"train.global_batch_size={global_batch} is not a positive multiple of micro_batch_size={micro} × "
                 f"world size {world_size} = {micro * world_size}"
             )
@@ -52,9 +55,9 @@ def resolve_batch_shape(micro: int, accumulation: int | None, global_batch: int 
             accumulation = global_batch // (micro * world_size)
     shape = BatchShape(micro, accumulation, world_size)
     if accumulation < 1:
-        raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
+        raise UserError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
     if global_batch is not None and shape.global_batch_size != global_batch:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size={global_batch} but micro_batch_size={micro} × gradient_accumulation_steps="
             f"{accumulation} × world size {world_size} = {shape.global_batch_size}"
         )
@@ -99,7 +102,9 @@ def build_accelerator(recipe_deepspeed: str | None, shape: BatchShape, max_grad_
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"DeepSpeed config not found: {path}") from None
+            raise MissingPathError(f"DeepSpeed config not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: invalid DeepSpeed JSON: {err}") from None
         _ensure_single_process_env()
         plugin = DeepSpeedPlugin(hf_ds_config=fill_deepspeed_config(raw, shape, max_grad_norm, bf16))
     return Accelerator(

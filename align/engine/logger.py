@@ -1,14 +1,22 @@
-"""Run logging on rank 0: a JSONL metrics file, wandb (offline unless an API key is set), a progress bar."""
+"""Run logging on rank 0: a JSONL metrics file, wandb (offline unless an API key is set), a progress bar.
+
+The wandb run id is kept in `run_dir/wandb_run_id`, so a resumed start continues the same wandb run
+(`resume="allow"`) instead of opening a second one; a fresh start (`train.resume=false`) removes the file
+(align/run_state.py). An id given by the environment (`WANDB_RUN_ID`, e.g. a sweep agent's) wins.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
+
+from align.run_state import WANDB_ID
 
 if TYPE_CHECKING:
     from align.config import LoggingConfig
@@ -22,6 +30,15 @@ def wandb_mode(cfg: LoggingConfig) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The environment's id, else the one this run dir stored, else a new one (stored, so a resumed start continues it)."""
+    path = run_dir / WANDB_ID
+    run_id = os.environ.get("WANDB_RUN_ID") or (path.read_text().strip() if path.exists() else "") or secrets.token_hex(6)
+    if not path.exists() or path.read_text().strip() != run_id:
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 class RunLogger:
@@ -46,6 +63,8 @@ class RunLogger:
                 config=config,
                 dir=str(run_dir),
                 mode=mode,
+                id=wandb_run_id(run_dir),
+                resume="allow",
                 settings=wandb.Settings(x_disable_stats=True, console="off", silent=True),
             )
         if cfg.progress:

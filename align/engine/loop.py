@@ -174,10 +174,10 @@ def fit(engine: Engine, trainer) -> dict:
     trainer.model = model
     model.train()
 
-    ckpt = Checkpointer(acc, engine.run_dir / "checkpoints", cfg.keep_last)
+    ckpt = Checkpointer(acc, engine.run_dir / "checkpoints", cfg.keep_last, recipe=recipe)
     ckpt.clean_partial()
     state = LoopState()
-    latest = ckpt.latest() if cfg.resume else None
+    latest = ckpt.resume_point(cfg.resume)  # newest verified checkpoint of this recipe
     if latest is not None:
         saved = ckpt.load(latest)
         state = LoopState(**saved["loop"])

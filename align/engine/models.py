@@ -25,6 +25,8 @@ from transformers import (
 )
 
 from align import builtin
+from align.model_paths import check_tokenizer_path
+from data_builders.errors import UserError
 from rewards.model import HEAD_NAMES, reward_head
 
 if TYPE_CHECKING:
@@ -50,12 +52,13 @@ def resolve_attention(name: str) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    check_tokenizer_path(cfg)  # a missing local path is an error naming it, not a hub lookup
     source = cfg.tokenizer or (str(builtin.TOKENIZER_DIR) if builtin.is_builtin(cfg.name_or_path) else cfg.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        raise ValueError(f"tokenizer {source!r} has no chat template; set model.tokenizer to one that has")
+        raise UserError(f"tokenizer {source!r} has no chat template; set model.tokenizer to one that has")
     return tokenizer
 
 
@@ -90,9 +93,11 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: 
             dtype=dtype,
             attn_implementation=attn,
         )
-    if model.generation_config is not None:
+    if model.generation_config is not None:  # the tokenizer's end-of-turn first, every EOS the model already has kept
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        kept = model.generation_config.eos_token_id
+        ids = [i for i in dict.fromkeys([tokenizer.eos_token_id, *([kept] if isinstance(kept, int) else kept or [])]) if i is not None]
+        model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else (ids or None)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -126,17 +131,19 @@ def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtyp
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:  # adapters on the backbone; the scalar head trains in full (peft's modules_to_save for SEQ_CLS)
+        model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing, task_type="SEQ_CLS")
     return model
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     if gradient_checkpointing:
         model.enable_input_require_grads()
     peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type=task_type
     )
     return get_peft_model(model, peft_cfg)
 

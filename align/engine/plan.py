@@ -4,6 +4,10 @@ Step s of an epoch takes the next `global_batch` rows of that epoch's seeded per
 rank r gets micro-batches r·G … r·G+G−1 of it. The same global batch therefore trains in one
 process with accumulation G·W or in W processes with accumulation G, and resuming at step s
 needs nothing but s. The tail of an epoch that fills no whole step is left out (reported).
+
+Length: `max_steps` > 0 optimizer steps; `max_steps` None or -1 (transformers' "no limit") lets
+`epochs` (> 0, fractions allowed) decide. Any other value is refused, so no run exports an untrained
+model as if it had trained.
 """
 
 from __future__ import annotations
@@ -13,6 +17,20 @@ import math
 import torch
 
 from align.engine.accelerator import BatchShape
+from data_builders.errors import UserError
+
+NO_LIMIT = -1  # train.max_steps: -1 means "no step limit" (transformers' convention); epochs decide
+
+
+def total_steps(steps_per_epoch: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of a run: `max_steps` when > 0, else `epochs` × steps per epoch rounded up (at least one)."""
+    if max_steps is not None and max_steps > 0:
+        return max_steps
+    if max_steps not in (None, NO_LIMIT):
+        raise UserError(f"train.max_steps must be >= 1, or -1 / null for no limit (epochs decide), got {max_steps}")
+    if not epochs > 0:
+        raise UserError(f"train.epochs must be > 0 when train.max_steps is not set, got {epochs}")
+    return max(1, math.ceil(epochs * steps_per_epoch))
 
 
 class StepPlan:
@@ -22,11 +40,11 @@ class StepPlan:
         self.seed = seed
         self.steps_per_epoch = num_rows // shape.global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"{num_rows} training rows cannot fill one global batch of {shape.global_batch_size} "
                 f"(micro {shape.micro_batch_size} × accumulation {shape.gradient_accumulation_steps} × world {shape.world_size})"
             )
-        self.total_steps = max_steps if max_steps else max(1, math.ceil(epochs * self.steps_per_epoch))
+        self.total_steps = total_steps(self.steps_per_epoch, epochs, max_steps)
         self.unused_rows_per_epoch = num_rows - self.steps_per_epoch * shape.global_batch_size
         self._cached_epoch, self._cached_order = -1, []
 

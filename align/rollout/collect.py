@@ -39,6 +39,9 @@ def collect_rollouts(
             samples.append({**problem, "condition": problem.get("condition") or "default", "prompt": problem["messages"], "response": g.text})
             owners.append((problem, g))
     result = router.score(samples) if samples else None
+    missing = [i for i, p in enumerate(problems) if not p.get("uid")]
+    if missing:  # a rank-local fallback (the position in this rank's shard) would pair answers to different prompts
+        raise ValueError(f"problems {missing[:3]} have no uid: fix prompt ids before sharding (align.evaluation.load_prompts does)")
     rollouts = []
     for i, (problem, g) in enumerate(owners):
         parts = {name: float(values[i]) for name, values in result.components.items() if not math.isnan(float(values[i]))}
@@ -49,7 +52,7 @@ def collect_rollouts(
                 response_ids=list(g.response_ids),
                 prompt=[dict(m) for m in problem["messages"]],
                 response=g.text,
-                prompt_id=str(problem.get("uid", i // max(1, params.n))),
+                prompt_id=str(problem["uid"]),
                 group=policy_version,
                 condition=problem.get("condition"),
                 round=round_index,

@@ -3,7 +3,9 @@
 `HFGenerator` samples with `model.generate` in left-padded batches. Under ZeRO-3 it gathers the
 parameters once per call (`full_weights`; peers report ~10× over generating with sharded weights), so
 ranks never wait on each other inside `generate` and may produce different lengths.
-A response that reaches `max_new_tokens` without the end-of-turn token is flagged `truncated`.
+A response ends at the first of the model's end tokens (`end_token_ids`: the tokenizer's EOS and every id in the
+model's `generation_config.eos_token_id`, e.g. Qwen2's `<|im_end|>` and `<|endoftext|>`); one that reaches
+`max_new_tokens` without any of them is flagged `truncated`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ def full_weights(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[t
         yield model
 
 
+def end_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS first, then every EOS id of the model's generation config (an int or a list)."""
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    return [i for i in dict.fromkeys([tokenizer.eos_token_id, *extra]) if i is not None]
+
+
 class HFGenerator:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, batch_size: int = 64,
                  submodule: str | None = None):  # fmt: skip
@@ -98,20 +108,21 @@ class HFGenerator:
         for r, ids in enumerate(chunk):
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             attention[r, width - len(ids) :] = 1
+        ends = end_token_ids(model, tok)
         greedy = params.temperature <= 0
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         out = model.generate(input_ids=input_ids.to(self.accelerator.device), attention_mask=attention.to(self.accelerator.device),
                              max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
                              # whole weights here: no rank needs the others (transformers would otherwise sync every token under ZeRO-3)
                              synced_gpus=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sampling)  # fmt: skip
+                             eos_token_id=ends, pad_token_id=tok.pad_token_id, **sampling)  # fmt: skip
         if greedy and params.n > 1:  # n greedy samples are n copies
             out = out.repeat_interleave(params.n, dim=0)
         generations = []
         for j, row in enumerate(out[:, width:].tolist()):
-            end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            end = next((k + 1 for k, token in enumerate(row) if token in ends), len(row))
             response = row[:end]
-            truncated = tok.eos_token_id not in response
+            truncated = not (response and response[-1] in ends)
             if truncated:  # without an end-of-turn the row may still end in padding (another row ran longer)
                 while response and response[-1] == tok.pad_token_id:
                     response.pop()

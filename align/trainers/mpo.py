@@ -33,9 +33,10 @@ from align.losses.preference import PreferenceInputs, RunningMean
 from align.model_paths import check_model_path
 from align.rollout.generation import SamplingParams
 from align.trainers.base import Trainer
-from align.trainers.policy_samples import buffer_counts, gather_rows, sample_rollouts, sum_over_ranks
+from align.trainers.policy_samples import buffer_counts, gather_rows, rows_once, sample_rollouts, sum_over_ranks
 from align.trainers.reference_cache import ReferenceCache
 from data_builders.bad_rows import BadRowPolicy
+from data_builders.errors import UserError
 from data_builders.pair_builders import GeneratedSample, dropout_ntp_pairs
 from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs, resolve_share_prefix
 from data_builders.preference_data import PreferencePair, build_preference_pairs
@@ -111,21 +112,21 @@ class MPOTrainer(Trainer):
         for name in cfg.losses:
             get_loss(name, "preference")  # unknown names fail before any model loads
         if cfg.sampled_pairs.rounds > 1:
-            raise ValueError("mpo.sampled_pairs.rounds > 1 is online MPO: run it with `align mpo` (align.trainers.online_mpo), not as one job")
+            raise UserError("mpo.sampled_pairs.rounds > 1 is online MPO: run it with `align mpo` (align.trainers.online_mpo), not as one job")
         if cfg.reference == "adapters" and not recipe.model.lora.enabled:
-            raise ValueError("mpo.reference=adapters needs model.lora.enabled=true (the reference is the policy without adapters)")
+            raise UserError("mpo.reference=adapters needs model.lora.enabled=true (the reference is the policy without adapters)")
         self.tokenizer = load_tokenizer(recipe.model)
         self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
         self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
-        self.bad_rows = BadRowPolicy(data.on_bad_row)
+        self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
         self.model.to(engine.device)
         self.sampled_stats: dict[str, Any] = {}
         sampled = self._sampled_pairs() if cfg.sampled_pairs.enabled else []
-        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled)
+        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, conditions=cfg.conditions)
         eval_sources = data.eval_sources()
-        self.eval_pairs = build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else []
-        if engine.is_main:
-            self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
+        self.eval_pairs = (build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval", conditions=cfg.conditions)
+                           if eval_sources else [])  # fmt: skip
+        self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
         capacity = data.pair_row_tokens or 2 * data.max_length
         self.train_rows, saved = pack_pairs(self.pairs, capacity, data.packing, self.share_prefix)
         self.eval_rows = pack_pairs(self.eval_pairs, capacity, data.packing, self.share_prefix)[0] if self.eval_pairs else []
@@ -152,28 +153,34 @@ class MPOTrainer(Trainer):
 
         Correctness pairs are `buffer.preference_pairs()` (verifier-correct beats wrong within a prompt's group).
         Prompts are sharded across ranks; each rank builds pairs from its own buffer, then all ranks gather the
-        same rows (sorted by prompt) so every rank trains on identical data. `self.sampled_rows` keeps them.
+        same rows (sorted by prompt) so every rank trains on identical data. `self.sampled_rows` keeps them; a
+        later start of the same recipe reads them back (`rows_once`; `self.buffer` is then None).
         """
         cfg, engine, seed = self.recipe.mpo.sampled_pairs, self.engine, self.recipe.train.seed
-        self.buffer, generator = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, seed, cfg.round_index)
-        rows = self.buffer.preference_pairs(cfg.max_pairs_per_prompt, seed=seed)
-        if cfg.dropout_ntp_share > 0:
-            rng = random.Random(seed)
-            samples = [GeneratedSample(f"{r.prompt_id}#{r.group}", r.prompt, r.response, bool(r.correct), r.condition) for r in self.buffer]
-            picked = [s for s in samples if rng.random() < cfg.dropout_ntp_share]
-            params = SamplingParams(cfg.max_new_tokens, 1, cfg.temperature, cfg.top_p)
+        self.buffer = None
 
-            def continue_without_evidence(prompts: list[list[dict]], prefixes: list[str]) -> list[str]:
-                return [group[0].text for group in generator.generate(prompts, params, prefixes)]
+        def draw() -> tuple[list[dict], dict[str, Any]]:
+            self.buffer, generator = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, seed, cfg.round_index)
+            rows = self.buffer.preference_pairs(cfg.max_pairs_per_prompt, seed=seed)
+            if cfg.dropout_ntp_share > 0:
+                rng = random.Random(seed)
+                samples = [GeneratedSample(f"{r.prompt_id}#{r.group}", r.prompt, r.response, bool(r.correct), r.condition) for r in self.buffer]
+                picked = [s for s in samples if rng.random() < cfg.dropout_ntp_share]
+                params = SamplingParams(cfg.max_new_tokens, 1, cfg.temperature, cfg.top_p)
 
-            rows += dropout_ntp_pairs(picked, continue_without_evidence)
-        counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(rows)])
-        rows = gather_rows(engine, rows, key=lambda r: (r["prompt_id"], r["builder"], r["chosen"], r["rejected"]))
-        self.sampled_rows = rows
-        self.sampled_stats = {"round": cfg.round_index, "samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4),
-                              "truncated_share": round(counts[2] / max(1, counts[0]), 4), "pairs": len(rows),
-                              "by_builder": {b: sum(r["builder"] == b for r in rows) for b in ("correctness", "dropout_ntp")}}  # fmt: skip
-        return [("sampled-pairs", i, row) for i, row in enumerate(rows)]
+                def continue_without_evidence(prompts: list[list[dict]], prefixes: list[str]) -> list[str]:
+                    return [group[0].text for group in generator.generate(prompts, params, prefixes)]
+
+                rows += dropout_ntp_pairs(picked, continue_without_evidence)
+            counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(rows)])
+            rows = gather_rows(engine, rows, key=lambda r: (r["prompt_id"], r["builder"], r["chosen"], r["rejected"]))
+            stats = {"round": cfg.round_index, "samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4),
+                     "truncated_share": round(counts[2] / max(1, counts[0]), 4), "pairs": len(rows),
+                     "by_builder": {b: sum(r["builder"] == b for r in rows) for b in ("correctness", "dropout_ntp")}}  # fmt: skip
+            return rows, stats
+
+        self.sampled_rows, self.sampled_stats = rows_once(engine, self.recipe, draw)
+        return [("sampled-pairs", i, row) for i, row in enumerate(self.sampled_rows, start=1)]  # 1-based, as every row number
 
     # --- reference --------------------------------------------------------------------------
     def _reference_config(self):
@@ -182,7 +189,8 @@ class MPOTrainer(Trainer):
                                    lora=dataclasses.replace(model.lora, enabled=False))  # fmt: skip
 
     def _load_reference(self) -> torch.nn.Module:
-        return load_causal_lm(self._reference_config(), self.tokenizer, torch.float32, seed=self.recipe.train.seed)
+        """Frozen, so in the compute dtype (bf16 on GPU by default), as RLHF's reference; the policy keeps fp32 master weights."""
+        return load_causal_lm(self._reference_config(), self.tokenizer, self.engine.dtype, seed=self.recipe.train.seed)
 
     @torch.no_grad()
     def _reference_sums(self, reference: torch.nn.Module, pairs: list[PreferencePair], ids: list[int]) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Each round is an ordinary MPO job (`run_job(MPOTrainer, ...)`) in `output_dir/round-k` whose policy is round
 k−1's exported `model/`, so round k's rollout buffer holds samples of the policy as trained so far. The
 reference stays the first round's starting policy (or `mpo.reference_path`) unless
-`mpo.sampled_pairs.update_reference` moves it to each round's start. A round whose `summary.json` exists is
-finished and skipped, so an interrupted run resumes at the round it stopped in (and that round resumes from
-its own checkpoints). `output_dir/summary.json` then reports every round, with the first round's accuracy
+`mpo.sampled_pairs.update_reference` moves it to each round's start. A round whose `summary.json` records this
+round's recipe fingerprint is finished and skipped (`align.run_state.check_run_dir`, the check every job makes), so
+an interrupted run resumes at the round it stopped in (and that round resumes from its own checkpoints). `output_dir/summary.json` then reports every round, with the first round's accuracy
 before training and the last round's after.
 
 All rounds run in one process (group): accelerate keeps its state in process-wide singletons, so between
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, MPORecipe, save_resolved
+from align.run_state import check_run_dir
 
 
 def round_recipe(recipe: MPORecipe, k: int, policy: str) -> MPORecipe:
@@ -76,9 +76,9 @@ def run_online_mpo(recipe: MPORecipe) -> dict[str, Any]:
     policy, results, ran = recipe.model.name_or_path, [], False
     for k in range(rounds):
         sub = round_recipe(recipe, k, policy)
-        done = Path(sub.output_dir) / "summary.json"
-        if done.exists():
-            summary, skipped = json.loads(done.read_text()), True
+        finished = check_run_dir(sub, is_main=is_main)  # the check every job makes: a finished round of this recipe
+        if finished is not None:
+            summary, skipped = finished, True
         else:
             if ran:
                 reset_accelerate_state()

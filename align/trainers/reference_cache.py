@@ -2,7 +2,8 @@
 
 The key hashes every pair's token ids (so any change of data, template, tokenizer or max_length
 misses) with the reference model's identity (built-in shape and seed; or the weight files' names,
-sizes and mtimes of a local directory; or a hub name and revision). Resumed runs and sweep runs that
+sizes and mtimes of a local directory; or a hub name and revision) and the dtype and attention it runs in,
+as resolved on this machine. Resumed runs and sweep runs that
 share data and reference reuse the file. Written atomically (temporary file + rename) by rank 0.
 
 The pass shards pairs across ranks with the same number of forwards on every rank (ZeRO-3 gathers
@@ -24,7 +25,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from align import builtin
-from align.engine.models import prepare_frozen
+from align.engine.models import prepare_frozen, resolve_attention, resolve_dtype
 
 if TYPE_CHECKING:
     from align.config import ModelConfig
@@ -35,8 +36,13 @@ PAIRS_PER_FORWARD = 8
 
 
 def model_identity(cfg: ModelConfig, seed: int) -> dict[str, Any]:
-    """What makes two references the same model, without hashing their weights."""
-    identity: dict[str, Any] = {"name": cfg.name_or_path, "revision": cfg.revision, "dtype": cfg.dtype}
+    """What makes two references the same model, without hashing their weights.
+
+    The dtype and attention are the resolved ones (`auto` is fp32 + sdpa on CPU, bf16 + flash-attention on a GPU),
+    so log-probs computed on one kind of machine are not reused where the reference runs differently.
+    """
+    identity: dict[str, Any] = {"name": cfg.name_or_path, "revision": cfg.revision, "dtype": str(resolve_dtype(cfg.dtype)),
+                                "attention": resolve_attention(cfg.attn_implementation)}  # fmt: skip
     if builtin.is_builtin(cfg.name_or_path):
         identity |= {"shape": builtin.builtin_shape(cfg.name_or_path), "seed": seed}
     elif Path(cfg.name_or_path).is_dir():

@@ -47,14 +47,17 @@ from align.evaluation import load_prompts
 from align.losses.logprobs import target_logprobs
 from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
 from align.model_paths import MAKE_RM, check_model_path
+from align.reward_model_info import RewardModelInfo, reward_token_id
 from align.rollout.buffer import RolloutBuffer
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
 from align.rollout.experience import RolloutBatch, actor_logprobs, assign_advantages, collate_rollouts, critic_values
 from align.rollout.generation import HFGenerator, SamplingParams
+from align.run_state import check_run_dir, prepare_run_dir, recipe_fingerprint
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
 from align.trainers.rm_update import comparison_pairs, read_comparison_files, update_reward_model
 from data_builders.bad_rows import BadRowPolicy
+from data_builders.errors import UserError
 from data_builders.packing import build_rows, collate_rows
 from data_builders.sft_data import build_samples
 from rewards.router import RewardRouter
@@ -74,6 +77,7 @@ class RLHFState:
     rounds: list[dict] = dataclasses.field(default_factory=list)  # what happened between rounds
     before: dict[str, Any] = dataclasses.field(default_factory=dict)  # held-out eval of the starting policy
     rm_updated: bool = False
+    reward_stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # per-condition RM stats after a fast-path update
     last: dict[str, float] = dataclasses.field(default_factory=dict)  # the last iteration's metrics
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # generate / score / experience / train totals
 
@@ -94,15 +98,6 @@ class PPOBatch:
         return PPOBatch(**moved)
 
 
-def _reward_stats(path: str) -> tuple[dict[str, str] | None, dict[str, dict[str, float]]]:
-    """Conditions and per-condition score stats stored beside a reward model by `align rm`."""
-    stats_file = Path(path) / "reward_stats.json"
-    if not stats_file.exists():
-        return None, {}
-    stored = json.loads(stats_file.read_text())
-    return stored.get("conditions"), stored.get("stats", {})
-
-
 class RLHFTrainer:
     name = "rlhf"
     recipe_type = RLHFRecipe
@@ -111,13 +106,13 @@ class RLHFTrainer:
         ppo = recipe.ppo
         world = world_size_from_env()
         if ppo.prompts_per_iteration % world:
-            raise ValueError(f"ppo.prompts_per_iteration {ppo.prompts_per_iteration} must be divisible by the {world} processes")
+            raise UserError(f"ppo.prompts_per_iteration {ppo.prompts_per_iteration} must be divisible by the {world} processes")
         per_iteration = ppo.prompts_per_iteration * ppo.samples_per_prompt
         if per_iteration % ppo.mini_batches:
-            raise ValueError(f"{per_iteration} rollouts per iteration do not split into ppo.mini_batches={ppo.mini_batches}")
+            raise UserError(f"{per_iteration} rollouts per iteration do not split into ppo.mini_batches={ppo.mini_batches}")
         per_rank_step = per_iteration // ppo.mini_batches // world
         if per_rank_step == 0 or (per_iteration // ppo.mini_batches) % world or per_rank_step % recipe.train.micro_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"ppo.prompts_per_iteration × ppo.samples_per_prompt / ppo.mini_batches = {per_iteration // ppo.mini_batches} rollouts per "
                 f"optimizer step cannot be split over {world} processes in micro-batches of train.micro_batch_size="
                 f"{recipe.train.micro_batch_size} rollouts; each rank needs a multiple of the micro-batch")
@@ -139,26 +134,31 @@ class RLHFTrainer:
                              attn_implementation=recipe.model.attn_implementation)  # fmt: skip
         critic = load_reward_model(rm_cfg, tok, torch.float32, seed=recipe.train.seed)
         if critic.config.vocab_size != actor.config.vocab_size:
-            raise ValueError(f"ppo.reward_model has vocabulary {critic.config.vocab_size}, the policy {actor.config.vocab_size}: "
+            raise UserError(f"ppo.reward_model has vocabulary {critic.config.vocab_size}, the policy {actor.config.vocab_size}: "
                              "the critic starts from the reward model, so they must share a tokenizer")  # fmt: skip
         reference_cfg = dataclasses.replace(recipe.model, gradient_checkpointing=False, lora=dataclasses.replace(recipe.model.lora, enabled=False))
         self.reference = prepare_frozen(load_causal_lm(reference_cfg, tok, engine.dtype, seed=recipe.train.seed), engine.accelerator)
         with without_zero3_init():  # a whole replica per rank: scoring needs no collectives and the fast path trains it locally
-            self.reward_model = load_reward_model(rm_cfg, tok, engine.dtype).to(engine.device).eval().requires_grad_(False)
-        stored_conditions, stats = _reward_stats(ppo.reward_model)
+            # the fast path trains it: fp32 master weights (bf16 would round a 1e-5 step away), scored under autocast
+            rm_dtype = torch.float32 if self.updates_reward_model else engine.dtype
+            self.reward_model = load_reward_model(rm_cfg, tok, rm_dtype).to(engine.device).eval().requires_grad_(False)
+        info = RewardModelInfo.read(ppo.reward_model)
         self.conditions = recipe.reward.conditions
-        if stored_conditions and stored_conditions != self.conditions:
-            raise ValueError(f"reward.conditions differ from the prompts {ppo.reward_model} was trained with "
-                             f"({sorted(stored_conditions)}); the reward model must see the same condition prompts")  # fmt: skip
+        info.check_conditions(self.conditions, ppo.reward_model)
+        # scored at its reward token everywhere (router and fast-path comparisons) if it was trained with one
+        self.reward_token = info.resolve_reward_token(recipe.reward.reward_token, ppo.reward_model)
+        self.reward_token_id = reward_token_id(tok, self.reward_token)
         # short rows: CPU attention computes each row's whole length × length block, masked or not
-        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, stats, row_tokens=self._row_tokens())
+        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, info.stats, self.reward_token_id,
+                                   row_tokens=self._row_tokens(), autocast_dtype=engine.dtype)
 
         self.prompts = load_prompts(ppo.prompts_path, recipe.data.synthetic, ppo.num_prompts, split="train")
         self.eval_problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts) if recipe.eval.enabled else []
         self.ptx_samples, self.ptx_rows = [], []
         if ppo.ptx_coef > 0 and recipe.data.train:
-            policy = BadRowPolicy(recipe.data.on_bad_row)
+            policy = BadRowPolicy.for_run(recipe.data.on_bad_row, engine.run_dir, engine.is_main)
             self.ptx_samples, _ = build_samples(recipe.data.train, recipe.data, tok, policy, "train")
+            policy.write()  # skipped pretraining rows are quarantined, never dropped silently
             self.ptx_rows = build_rows(self.ptx_samples, recipe.data.max_length, recipe.data.packing)
 
         model = ActorCritic(actor, critic)
@@ -173,6 +173,10 @@ class RLHFTrainer:
         self.scheduler = scheduler
         self.buffer = RolloutBuffer()
         self.checkpointer = Checkpointer(engine.accelerator, engine.run_dir / "checkpoints", recipe.train.keep_last)
+
+    @property
+    def updates_reward_model(self) -> bool:
+        return self.ppo.rm_update_steps > 0
 
     # --- one iteration ------------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[dict]:
@@ -394,11 +398,12 @@ class RLHFTrainer:
         report = {"round": round_index, **detect_hacking(early, late, ppo.detectors)}
         fast_rows = RolloutBuffer().comparisons(early, late)
         policy = BadRowPolicy(self.recipe.data.on_bad_row)
-        pairs = comparison_pairs(fast_rows, self.tokenizer, self.conditions, f"round-{round_index}/fast-path", policy, self.recipe.data.max_length)
+        pairs = comparison_pairs(fast_rows, self.tokenizer, self.conditions, f"round-{round_index}/fast-path", policy, self.recipe.data.max_length,
+                                 self.reward_token_id)
         slow = 0
         if ppo.comparisons_dir and Path(ppo.comparisons_dir).exists():
             for path, rows in read_comparison_files(ppo.comparisons_dir, set(self.state.ingested)):
-                found = comparison_pairs(rows, self.tokenizer, self.conditions, path, policy, self.recipe.data.max_length)
+                found = comparison_pairs(rows, self.tokenizer, self.conditions, path, policy, self.recipe.data.max_length, self.reward_token_id)
                 pairs += found
                 slow += len(found)
                 self.state.ingested.append(path)
@@ -410,6 +415,10 @@ class RLHFTrainer:
                                                       ppo.rm_update_steps, ppo.rm_update_lr, ppo.rm_update_batch,
                                                       self.recipe.train.seed + round_index)  # fmt: skip
             self.state.rm_updated = True
+            if self.router.stats:  # the per-condition normalisation follows the changed model: re-measured on this round's samples
+                samples = [{"condition": r.condition or "default", "prompt": r.prompt, "response": r.response} for r in this_round]
+                self.router.stats = self.state.reward_stats = self.router.condition_stats(samples)
+                report["reward_stats"] = self.state.reward_stats
         return report
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -460,8 +469,8 @@ class RLHFTrainer:
         self.checkpointer.save(iteration, {"rlhf": dataclasses.asdict(self.state)}, extra)
 
     def resume(self) -> bool:
-        self.checkpointer.clean_partial()
-        latest = self.checkpointer.latest() if self.recipe.train.resume else None
+        self.checkpointer.for_recipe(self.recipe).clean_partial()
+        latest = self.checkpointer.resume_point(self.recipe.train.resume)  # newest verified checkpoint of this recipe
         if latest is None:
             return False
         saved = self.checkpointer.load(latest)
@@ -472,6 +481,8 @@ class RLHFTrainer:
         self.buffer = RolloutBuffer.load(latest, f"rollouts-rank{self.engine.rank}")
         if self.state.rm_updated:
             self.reward_model.load_state_dict(load_file(str(latest / RM_FILE)))
+        if self.state.reward_stats:
+            self.router.stats = self.state.reward_stats
         if self.engine.is_main:
             print(f"resumed from {latest} at iteration {self.state.iteration}", flush=True)
         return True
@@ -480,6 +491,11 @@ class RLHFTrainer:
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         recipe, ppo, engine = self.recipe, self.ppo, self.engine
+        finished = check_run_dir(recipe, is_main=engine.is_main)  # a finished run of this recipe is not trained again
+        if finished is not None:
+            engine.accelerator.end_training()
+            return finished
+        prepare_run_dir(recipe, engine.accelerator)
         self.setup()
         self.resume()
         if recipe.eval.enabled and not self.state.before:
@@ -510,6 +526,7 @@ class RLHFTrainer:
         if self.state.rm_updated and engine.is_main:
             self.reward_model.save_pretrained(engine.run_dir / "reward_model", safe_serialization=True)
             self.tokenizer.save_pretrained(engine.run_dir / "reward_model")
+            RewardModelInfo(self.conditions, self.router.stats, self.reward_token).write(engine.run_dir / "reward_model")
         self.buffer.save(engine.run_dir, f"rollouts-rank{engine.rank}")
         last = self.state.last
         metrics: dict[str, Any] = {"kl": last.get("kl", float("nan")), "train_reward_last": last.get("reward"),
@@ -541,6 +558,7 @@ class RLHFTrainer:
             "steps": self.state.optimizer_steps,
             "tokens": self.state.tokens,
             "skipped_steps": self.state.skipped_steps,
+            "recipe_fingerprint": recipe_fingerprint(recipe),
         }
         if samples is not None:
             summary["eval_samples"] = samples

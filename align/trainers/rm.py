@@ -8,7 +8,6 @@ configured ranking loss plus the log barrier, averaged over the pairs of the opt
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from align.config import RMRecipe
 from align.engine.models import load_reward_model, load_tokenizer
 from align.engine.plan import eval_micro_batches
 from align.model_paths import check_model_path
+from align.reward_model_info import RewardModelInfo, reward_token_id
 from align.trainers.base import Trainer
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pairs, resolve_share_prefix
@@ -60,19 +60,14 @@ class RMTrainer(Trainer):
         recipe, engine, data, reward = self.recipe, self.engine, self.recipe.data, self.recipe.reward
         check_model_path(recipe.model.name_or_path)
         self.tokenizer = load_tokenizer(recipe.model)
-        token_id = None
-        if reward.reward_token is not None:
-            token_id = self.tokenizer.convert_tokens_to_ids(reward.reward_token)
-            if token_id is None or token_id == self.tokenizer.unk_token_id:
-                raise ValueError(f"reward.reward_token {reward.reward_token!r} is not in the tokenizer's vocabulary")
+        token_id = reward_token_id(self.tokenizer, reward.reward_token)
         self.model = load_reward_model(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
-        self.bad_rows = BadRowPolicy(data.on_bad_row)
+        self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
         build = lambda sources, split: build_pairs(sources, data, reward.conditions, self.tokenizer, self.bad_rows, token_id, split)  # noqa: E731
         self.pairs = build(data.train, "train")
         eval_sources = data.eval_sources()
         self.eval_pairs = build(eval_sources, "eval") if eval_sources else []
-        if engine.is_main:
-            self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
+        self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
         self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
         # a row holds 2·max_length tokens by default (the longest possible pair); InternLM2: 8192 → 16,384-token batches
         capacity = data.pair_row_tokens or 2 * data.max_length
@@ -142,5 +137,5 @@ class RMTrainer(Trainer):
             metrics["accuracy_by_tag"] = {t: sum(v) / len(v) for t, v in sorted(by_tag.items())}
             metrics["eval_pairs_by_tag"] = {t: len(v) for t, v in sorted(by_tag.items())}
         if engine.is_main:  # normalisation constants travel with the model (used at RLHF time)
-            (engine.run_dir / "model" / "reward_stats.json").write_text(json.dumps({"conditions": cfg.conditions, "stats": stats}, indent=2))
+            RewardModelInfo(cfg.conditions, stats, cfg.reward_token).write(engine.run_dir / "model")
         return metrics

@@ -9,7 +9,7 @@ communication.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from align.trainers.rm import collate_pairs
 from data_builders.bad_rows import BadRowError, BadRowPolicy
 from data_builders.pair_rows import resolve_share_prefix
+from data_builders.readers import EmptyDataError, read_jsonl
 from rewards.conditions import UnknownConditionError, render_for_reward
 from rewards.data import Pair, parse_comparison
 from rewards.losses import pair_losses
@@ -28,11 +29,14 @@ if TYPE_CHECKING:
     from align.config import RewardConfig
 
 
-def comparison_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase, conditions: dict[str, str], origin: str,
+def comparison_pairs(rows: Sequence[dict] | Mapping[int, dict], tokenizer: PreTrainedTokenizerBase, conditions: dict[str, str], origin: str,
                      policy: BadRowPolicy, max_length: int, reward_token_id: int | None = None) -> list[Pair]:  # fmt: skip
-    """Comparison rows → reward-model pairs, rendered exactly as `align rm` renders them; bad rows follow `policy`."""
+    """Comparison rows → reward-model pairs, rendered exactly as `align rm` renders them; bad rows follow `policy`.
+
+    `rows` is a list (its rows are numbered from 1) or {line number: row} as `read_comparison_files` reads a file.
+    """
     pairs = []
-    for i, raw in enumerate(rows):
+    for i, raw in rows.items() if isinstance(rows, Mapping) else enumerate(rows, start=1):
         try:
             prompt, chosen, rejected, condition, margin, tag = parse_comparison(raw, origin, i)
             try:
@@ -48,36 +52,39 @@ def comparison_pairs(rows: list[dict], tokenizer: PreTrainedTokenizerBase, condi
     return pairs
 
 
-def read_comparison_files(directory: str | Path, seen: set[str]) -> list[tuple[str, list[dict]]]:
-    """New `*.jsonl` files in `directory` (sorted by name), each as (path, rows); an unparsable line names its file and row."""
+def read_comparison_files(directory: str | Path, seen: set[str]) -> list[tuple[str, dict[int, dict]]]:
+    """New `*.jsonl` files in `directory` (sorted by name), each as (path, {line number: row}); a line that is not UTF-8 or
+    not JSON is an error naming its file and line. An empty file has no rows."""
     out = []
     for path in sorted(Path(directory).glob("*.jsonl")):
         if str(path) in seen:
             continue
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise BadRowError(str(path), i, "<json>", str(err)) from None
+        try:
+            rows = {line: raw for _, line, raw in read_jsonl(path, BadRowPolicy("error"))}
+        except EmptyDataError:
+            rows = {}
         out.append((str(path), rows))
     return out
 
 
 @torch.no_grad()
 def pairwise_accuracy(model: torch.nn.Module, pairs: list[Pair], pad_id: int, share: bool, batch: int = 32) -> float:
-    right = 0
+    right, device = 0, next(model.parameters()).device
     for i in range(0, len(pairs), batch):
-        chosen, rejected = pair_scores(model, collate_pairs([[p] for p in pairs[i : i + batch]], pad_id, share).rows)
+        chosen, rejected = pair_scores(model, collate_pairs([[p] for p in pairs[i : i + batch]], pad_id, share).rows.to(device))
         right += int((chosen > rejected).sum())
     return right / max(1, len(pairs))
 
 
 def update_reward_model(model: torch.nn.Module, pairs: list[Pair], pad_id: int, cfg: RewardConfig, steps: int, lr: float,
                         batch_pairs: int, seed: int) -> dict[str, Any]:  # fmt: skip
-    """`steps` AdamW steps on `pairs` (seeded order, identical on every rank); returns accuracy on them before and after."""
+    """`steps` AdamW steps on `pairs` (seeded order, identical on every rank); returns accuracy on them before and after.
+
+    The weights must be fp32 (they are the master copy): at lr 1e-5, bf16 rounding would swallow most of each update.
+    """
+    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if low:
+        raise ValueError(f"the fast-path reward-model update needs fp32 master weights, got {low}; load the replica in fp32")
     share = resolve_share_prefix(None, model.config._attn_implementation)
     before = pairwise_accuracy(model, pairs, pad_id, share)
     params = [p for p in model.parameters()]

@@ -23,7 +23,7 @@ from align.evaluation import load_prompts, task_accuracy
 from align.losses import register_loss
 from align.losses.logprobs import target_logprobs
 from align.trainers.base import Trainer
-from align.trainers.policy_samples import buffer_counts, gather_rows, sample_rollouts, sum_over_ranks
+from align.trainers.policy_samples import buffer_counts, gather_rows, rows_once, sample_rollouts, sum_over_ranks
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.packing import build_rows, collate_rows, token_weight
 from data_builders.samples import Sample, TokenBatch
@@ -45,7 +45,7 @@ class SFTTrainer(Trainer):
         data = recipe.data
         self.tokenizer = load_tokenizer(recipe.model)
         self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
-        self.bad_rows = BadRowPolicy(data.on_bad_row)
+        self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
         self.before: dict[str, Any] = {}
         self.rejection_stats: dict[str, Any] | None = None
         sampled = []
@@ -58,8 +58,7 @@ class SFTTrainer(Trainer):
         self.eval_samples, eval_stats = (
             build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else ([], None)
         )
-        if engine.is_main:
-            self.bad_rows.write(engine.run_dir / "quarantine.jsonl")
+        self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
         self.train_rows = build_rows(self.samples, data.max_length, data.packing)
         self.eval_rows = build_rows(self.eval_samples, data.max_length, data.packing) if self.eval_samples else []
         self._row_weight = {"train": self._weights(self.train_rows, self.samples), "eval": self._weights(self.eval_rows, self.eval_samples)}
@@ -76,17 +75,23 @@ class SFTTrainer(Trainer):
         """Sample N answers per prompt into the rollout buffer; keep each prompt's best (correct and complete, if required).
 
         Prompts are sharded across ranks; the kept rows are gathered and sorted, so every rank trains on identical data.
+        A later start of the same recipe reads the kept rows back (`rows_once`; `self.buffer` is then None).
         """
         cfg, engine = self.recipe.rejection_sampling, self.engine
-        self.buffer, _ = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, self.recipe.train.seed)
-        rows = self.buffer.best_of_n(cfg.require_correct)
-        counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(self.buffer.groups())])
-        rows = gather_rows(engine, rows, key=lambda r: json.dumps(r, sort_keys=True))
-        self.sampled_rows = rows
-        self.rejection_stats = {"distinct_prompts": counts[3], "samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4),
-                                "truncated_share": round(counts[2] / max(1, counts[0]), 4), "kept_rows": len(rows),
-                                "require_correct": cfg.require_correct}  # fmt: skip
-        return [("rejection-sampling", i, row) for i, row in enumerate(rows)]
+        self.buffer = None
+
+        def draw() -> tuple[list[dict], dict[str, Any]]:
+            self.buffer, _ = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, self.recipe.train.seed)
+            rows = self.buffer.best_of_n(cfg.require_correct)
+            counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(self.buffer.groups())])
+            rows = gather_rows(engine, rows, key=lambda r: json.dumps(r, sort_keys=True))
+            stats = {"distinct_prompts": counts[3], "samples": counts[0], "correct_share": round(counts[1] / max(1, counts[0]), 4),
+                     "truncated_share": round(counts[2] / max(1, counts[0]), 4), "kept_rows": len(rows),
+                     "require_correct": cfg.require_correct}  # fmt: skip
+            return rows, stats
+
+        self.sampled_rows, self.rejection_stats = rows_once(engine, self.recipe, draw)
+        return [("rejection-sampling", i, row) for i, row in enumerate(self.sampled_rows, start=1)]  # 1-based, as every row number
 
     def _weights(self, rows: list[list[int]], samples: list[Sample]) -> list[float]:
         reduction = self.recipe.data.loss_reduction
