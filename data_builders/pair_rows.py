@@ -12,6 +12,9 @@ the synthetic math pairs the whole worked solution up to the final answer, is co
 Without sharing (`share_prefix=False`, needed by flash-attention, which takes no 4-D mask) the same
 layout has an empty prefix and no mask: chosen and rejected are two packed documents whose
 positions restart at 0, which transformers turns into varlen / block-diagonal attention.
+
+The mask built here is the pair structure only; `data_builders/attention_layout.py` adds each layer type's own
+pattern (sliding windows, ...) and the form the attention takes when the rows reach the model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data_builders.attention_layout import shared_prefix_unsupported
 from data_builders.errors import UserError
 from data_builders.packing import pack_best_fit
 
@@ -78,6 +82,13 @@ class PairRows:
         for s in self.spans:
             out += [(s.row, s.start + s.prefix + s.chosen - 1), (s.row, s.start + s.prefix + s.chosen + s.rejected - 1)]
         return torch.tensor(out, dtype=torch.long, device=device)
+
+    def lengths(self) -> torch.Tensor:
+        """(rows,) real tokens per row, on the rows' device; padding is trailing."""
+        out = [0] * self.input_ids.shape[0]
+        for s in self.spans:
+            out[s.row] = max(out[s.row], s.start + s.prefix + s.chosen + s.rejected)
+        return torch.tensor(out, dtype=torch.long, device=self.input_ids.device)
 
     def to(self, device: torch.device | str) -> PairRows:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
@@ -151,20 +162,15 @@ def pair_attention_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tenso
     return mask[:, None]
 
 
-def resolve_share_prefix(setting: bool | None, attn_implementation: str) -> bool:
-    """Auto: share whenever the attention takes a 4-D mask."""
+def resolve_share_prefix(setting: bool | None, model: torch.nn.Module) -> bool:
+    """Auto (None): share whenever the model can (its attention takes a 4-D mask, its layer pattern can be expressed in one).
+
+    `true` on a model that cannot is an error naming the setting and the reason, before any data is built.
+    """
+    reason = shared_prefix_unsupported(model)
     if setting is None:
-        return attn_implementation in ("sdpa", "eager")
+        return reason is None
+    if setting and reason is not None:
+        raise UserError(f"data.share_prefix: true, but this model cannot run shared-prefix pair rows: {reason}; "
+                        "set data.share_prefix: false (or leave it null)")
     return setting
-
-
-def attention_bias(mask: torch.Tensor | None, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """The 4-D mask in the form the model's attention takes: bool for sdpa, additive (0 / min) for eager."""
-    if mask is None:
-        return None
-    if attn_implementation not in ("sdpa", "eager"):
-        raise UserError(f"shared-prefix pair rows need a 4-D attention mask, which {attn_implementation!r} attention does not take; "
-                         "set data.share_prefix: false (or leave it null) or use attn_implementation sdpa")
-    if attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask

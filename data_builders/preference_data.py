@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data_builders.bad_rows import BadRowError, BadRowPolicy, no_usable_rows
 from data_builders.readers import read_rows
-from data_builders.render import render_conversation, render_prompt
+from data_builders.render import render_conversation, render_prompt, through_end_of_turn
 from data_builders.synthetic import SyntheticTask
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def tokenize_preference(
     sides = []
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         ids = render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": text}]).input_ids
-        ids = ids[: len(ids) - _trailing_newlines(tokenizer, ids)]
+        ids = through_end_of_turn(tokenizer, ids)  # targets stop at the end-of-turn token (data_builders/render.py)
         if ids[: len(prompt_ids)] != prompt_ids:
             raise BadRowError(origin, row, field, "the chat template tokenises the prompt differently once a reply follows")
         if len(ids) > max_length:
@@ -109,14 +109,6 @@ def tokenize_preference(
     if sides[0] == sides[1]:
         raise BadRowError(origin, row, "rejected", f"identical to chosen within max_length {max_length}")
     return PreferencePair(sides[0], sides[1], len(prompt_ids), condition, f"{origin}:{row}")
-
-
-def _trailing_newlines(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int:
-    """Tokens after the final end-of-turn that are only whitespace (the template's newline): not targets."""
-    n = 0
-    while n < len(ids) and not tokenizer.decode(ids[len(ids) - 1 - n :]).strip():
-        n += 1
-    return n
 
 
 def preference_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, split: str):

@@ -6,13 +6,24 @@ That works for any template, with or without `{% generation %}` markers, as long
 turns render the same way when later turns are added (checked; an error says so if not).
 Token labels come from the fast tokenizer's character offsets, so BPE merges across a span
 edge cannot shift a label.
+
+Where a turn ends, a deliberate choice: ChatML-style templates (the built-in one, Qwen's) emit `<|im_end|>\n`
+after an assistant turn. The newline is the template's layout, not something the policy says: generation stops
+at the end-of-turn token. So a response ends at its end-of-turn token everywhere in align (`through_end_of_turn`):
+SFT trains on it but not on the newline (as transformers' `{% generation %}` assistant mask does), the reward
+model scores at it (`rewards.conditions.render_for_reward`: training, RLHF and best-of-N alike), and MPO's
+targets stop at it (`data_builders.preference_data`). TRL 1.16 tokenises the whole template instead: its
+RewardTrainer scores at the newline and its DPO completion includes the newline's log-prob. For templates that
+emit nothing after the end-of-turn token (Llama 3's `<|eot_id|>`) the two agree exactly (`tests/test_render.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: rendering needs no transformers import of its own
+    from transformers import PreTrainedTokenizerBase
 
 from data_builders.errors import UserError, UserTypeError
 
@@ -67,6 +78,14 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
         inside = j < len(spans) and start < spans[j][1] and end > spans[j][0]
         mask.append(int(inside))
     return Rendered(list(enc["input_ids"]), mask)
+
+
+def through_end_of_turn(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """`ids` without the whitespace-only tokens a template emits after the final end-of-turn token (see the module docstring)."""
+    end = len(ids)
+    while end > 0 and not tokenizer.decode(ids[end - 1 :]).strip():
+        end -= 1
+    return ids[:end]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:

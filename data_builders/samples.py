@@ -57,3 +57,7 @@ class TokenBatch:
     @property
     def num_tokens(self) -> int:
         return int((self.doc_ids >= 0).sum())
+
+    def lengths(self) -> torch.Tensor:
+        """(rows,) real tokens per row; padding is always trailing."""
+        return (self.doc_ids >= 0).sum(-1)

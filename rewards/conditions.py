@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from data_builders.errors import UserKeyError
+from data_builders.render import through_end_of_turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,10 +47,14 @@ def render_for_reward(
     response: str,
     reward_token_id: int | None = None,
 ) -> list[int]:
-    """Token ids of [condition system prompt] + prompt + response, ending at the end-of-turn token (+ reward token)."""
+    """Token ids of [condition system prompt] + prompt + response, ending at the end-of-turn token (+ reward token).
+
+    The score is read at the end-of-turn token, not at the newline a ChatML template adds after it (TRL's
+    RewardTrainer reads it there): a deliberate choice, explained in `data_builders/render.py`.
+    """
     messages = [*condition_messages(conditions, condition, prompt), {"role": "assistant", "content": response}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = through_end_of_turn(tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     if reward_token_id is not None:
         ids.append(reward_token_id)
     return ids

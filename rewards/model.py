@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from data_builders.attention_layout import forward_hidden
 from data_builders.packing import collate_rows
-from data_builders.pair_rows import PairRows, attention_bias
+from data_builders.pair_rows import PairRows
 from data_builders.samples import Sample
 
 HEAD_NAMES = ("score", "classifier", "v_head")
@@ -48,12 +49,13 @@ def packed_scores(model: torch.nn.Module, input_ids: torch.Tensor, position_ids:
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of packed documents; `ends` is (docs, 2) of (row, index of the document's last token).
 
-    Without `attention_mask` documents are separated by restarting positions; with a 4-D bool mask
-    (shared-prefix pair rows) the mask decides, converted to the form the model's attention takes.
+    Without `attention_mask` documents are separated by restarting positions (or, under flash-attention, by the
+    boundaries of one flattened row); with a 4-D bool mask (shared-prefix pair rows) the mask decides, per layer type
+    and in the form the model's attention takes (`data_builders/attention_layout.py`).
     """
-    config = getattr(model, "module", model).config
-    bias = attention_bias(attention_mask, config._attn_implementation, next(model.parameters()).dtype)
-    hidden = _hidden(model, input_ids, position_ids, bias)
+    lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    lengths = lengths.scatter_reduce(0, ends[:, 0], ends[:, 1] + 1, reduce="amax")  # the last document ends each row
+    hidden = forward_hidden(model, input_ids, position_ids, lengths, attention_mask)
     return scores_at(model, hidden, ends[:, 0], ends[:, 1])
 
 

@@ -86,7 +86,9 @@ def test_checkpoint_without_manifest_is_accepted_if_its_state_parses(saved, caps
 def test_a_checkpoint_of_another_recipe_is_refused_unless_forced(saved, capsys):
     ckpt, (_, newest) = saved
     changed = Checkpointer(ckpt.accelerator, ckpt.root, 3, recipe=recipe("optim.lr=0.001"))
-    with pytest.raises(RecipeChanged, match=r"written by another recipe \(optim.lr 0.0001 → 0.001\).*train.resume=false.*train.resume=force"):
+    with pytest.raises(
+        RecipeChanged, match=r"written by another recipe \(optim.lr 0.0001 → 0.001\).*train.resume=false.*train.resume=force"
+    ):
         changed.resume_point(True)
     assert changed.resume_point("force") == newest
     assert "train.resume=force: resuming" in capsys.readouterr().out

@@ -194,14 +194,14 @@ def test_a_resumed_start_trains_on_the_rows_it_sampled_first(tmp_path, sft_check
     _scripted(monkeypatch, tokenizer, sampling, recipe.data.synthetic, _first_draw)
     first = trainer_cls(recipe, Engine.create(recipe))
     first.setup()
-    assert first.sampled_rows and (run / POLICY_ROWS).exists()
+    assert first.sampled_rows
 
     other = _scripted(monkeypatch, tokenizer, sampling, recipe.data.synthetic, _other_draw)
     resumed = trainer_cls(recipe, Engine.create(recipe))
     resumed.setup()
     assert other.calls == 0 and "not sampling again" in capsys.readouterr().out
     assert resumed.sampled_rows == first.sampled_rows and resumed.data_stats[stats] == first.data_stats[stats]
-    assert resumed.train_rows == first.train_rows
+    assert resumed.train_rows == first.train_rows and resumed.buffer is None and (run / POLICY_ROWS).exists()
 
     changed = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=1))  # another recipe samples anew
     fresh = trainer_cls(changed, Engine.create(changed))
@@ -232,6 +232,7 @@ def test_mpo_reference_loads_in_the_compute_dtype(tokenizer):
     recipe = load_recipe(MPORecipe, None, ["model.name_or_path=builtin:tiny"])
     trainer = MPOTrainer(recipe, SimpleNamespace(dtype=torch.bfloat16))
     trainer.tokenizer = tokenizer
+    trainer.model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))  # the policy the reference follows
     reference = trainer._load_reference()
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
 
@@ -247,15 +248,26 @@ def test_every_eos_id_of_the_model_ends_generation_and_counts_as_complete(tmp_pa
 
     im_end, endoftext = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert im_end != endoftext
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=[im_end, endoftext], tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[im_end, endoftext],
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "qwen-style")  # generation_config.json: eos_token_id [im_end, endoftext]
     model = load_causal_lm(ModelConfig(name_or_path=str(tmp_path / "qwen-style")), tokenizer, torch.float32).eval()
     assert model.generation_config.eos_token_id == [im_end, endoftext]
 
     bias = torch.nn.functional.one_hot(torch.tensor(endoftext), len(tokenizer)).float() * 10
     model.lm_head.register_forward_hook(lambda module, args, out: out + bias)  # always prefers the second EOS
-    out = HFGenerator(model, tokenizer, Accelerator(cpu=True)).generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=5))
+    out = HFGenerator(model, tokenizer, Accelerator(cpu=True)).generate(
+        [[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=5)
+    )
     g = out[0][0]
     assert g.response_ids == [endoftext] and not g.truncated
 

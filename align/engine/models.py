@@ -42,11 +42,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_attention(name: str) -> str:
-    """auto: flash-attention 2 when installed on a GPU, else sdpa."""
+def resolve_attention(name: str, needs_4d_mask: bool = False) -> str:
+    """auto: flash-attention 2 when installed on a GPU and the batch layout needs no 4-D mask, else sdpa.
+
+    Shared-prefix pair rows (`data.share_prefix: true`) need a 4-D mask, which flash-attention ignores; every other
+    layout runs under flash-attention as one flattened row with sequence boundaries (`data_builders/attention_layout.py`).
+    An explicit name is kept as given; `resolve_share_prefix` says when it cannot run the layout asked for.
+    """
     if name != "auto":
         return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if not needs_4d_mask and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -176,8 +181,3 @@ def without_zero3_init() -> Iterator[None]:
         if config is not None:
             hf_deepspeed.set_hf_deepspeed_config(config)
 
-
-def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
-    """The LM head of a model, through DeepSpeed and PEFT wrappers."""
-    inner = getattr(model, "module", model)
-    return inner.get_output_embeddings()

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from data_builders.errors import UserTypeError
 
-class UnsupportedLogits(TypeError):
-    """A model's forward post-processes logits in a way this module does not evaluate."""
+
+class UnsupportedLogits(UserTypeError):
+    """A model's forward post-processes logits in a way this module does not evaluate (the model is the user's choice)."""
 
 
 # forward arguments a head program may read, bound as the log-prob path calls the model
@@ -142,12 +144,11 @@ def _check(program: HeadProgram, module_names: set[str]) -> None:
                 fail(line, f"reads {sub.id!r}")
             if isinstance(sub, ast.Attribute) and sub.attr.startswith("__"):
                 fail(line, "reads a private attribute")
-            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == program.outputs:
-                if sub.attr not in OUTPUT_FIELDS:
-                    fail(line, f"reads the backbone's {sub.attr!r}")
-            if isinstance(sub, ast.Subscript) and isinstance(sub.value, ast.Name) and sub.value.id == program.outputs:
-                if not (isinstance(sub.slice, ast.Constant) and sub.slice.value == 0):
-                    fail(line, "reads the backbone's outputs beyond the last hidden state")
+            reads_outputs = isinstance(getattr(sub, "value", None), ast.Name) and sub.value.id == program.outputs
+            if reads_outputs and isinstance(sub, ast.Attribute) and sub.attr not in OUTPUT_FIELDS:
+                fail(line, f"reads the backbone's {sub.attr!r}")
+            if reads_outputs and isinstance(sub, ast.Subscript) and not (isinstance(sub.slice, ast.Constant) and sub.slice.value == 0):
+                fail(line, "reads the backbone's outputs beyond the last hidden state")
             if isinstance(sub, ast.Call) and not _allowed_call(sub.func, module_names):
                 fail(line, f"calls {ast.unparse(sub.func)}")
 

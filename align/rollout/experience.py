@@ -1,9 +1,10 @@
 """From scored rollouts to PPO experience: packed batches, per-token log-probs and values, advantages.
 
 Rollouts are packed several to a row (positions restart per document, so they never attend to each
-other) and the LM head runs only where a response token is predicted. Per-token tensors come back
-in the order of the rollouts given, one 1-D tensor per rollout, and are stored on the `Rollout`
-(step-level fields) until the update has used them.
+other; under flash-attention the rows become one flattened row with sequence boundaries,
+`data_builders/attention_layout.py`) and the model's logits path runs only where a response token is
+predicted. Per-token tensors come back in the order of the rollouts given, one 1-D tensor per rollout,
+and are stored on the `Rollout` (step-level fields) until the update has used them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from align.losses.logprobs import hidden_states, logprobs_and_entropy_of, logprobs_of
 from align.losses.ppo import gae, kl_estimate, token_rewards
 from align.rollout.buffer import Rollout
+from data_builders.attention_layout import forward_hidden
 from data_builders.packing import collate_rows, pack_best_fit
 from data_builders.samples import Sample, TokenBatch
 from rewards.model import reward_head
@@ -56,7 +58,7 @@ def actor_logprobs(model: torch.nn.Module, batch: RolloutBatch, with_entropy: bo
     """Flat log π(response token) in target order (and the policy's entropy there)."""
     tokens = batch.tokens
     mask = tokens.targets != -100
-    hidden = hidden_states(model, tokens.input_ids, tokens.position_ids)[mask]
+    hidden = hidden_states(model, tokens.input_ids, tokens.position_ids, tokens.lengths())[mask]
     if with_entropy:
         return logprobs_and_entropy_of(model, hidden, tokens.targets[mask])
     return logprobs_of(model, hidden, tokens.targets[mask]), None
@@ -65,8 +67,8 @@ def actor_logprobs(model: torch.nn.Module, batch: RolloutBatch, with_entropy: bo
 def critic_values(model: torch.nn.Module, batch: RolloutBatch, critic: torch.nn.Module, **forward: object) -> torch.Tensor:
     """Flat V(prompt + response[:t]) in target order: the value head on the hidden state that predicts token t."""
     tokens = batch.tokens
-    out = model(input_ids=tokens.input_ids, position_ids=tokens.position_ids, use_cache=False, output_hidden_states=True, **forward)
-    hidden = out.hidden_states[-1][tokens.targets != -100]
+    hidden = forward_hidden(model, tokens.input_ids, tokens.position_ids, tokens.lengths(), attention_of=critic, **forward)
+    hidden = hidden[tokens.targets != -100]
     return reward_head(critic)(hidden).squeeze(-1).float()
 
 

@@ -24,7 +24,7 @@ import torch
 from accelerate.utils import gather_object
 
 from align.config import MPORecipe
-from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen
+from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen, resolve_attention
 from align.engine.plan import eval_micro_batches
 from align.evaluation import load_prompts, task_accuracy
 from align.losses import get_loss
@@ -38,7 +38,7 @@ from align.trainers.reference_cache import ReferenceCache
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.errors import UserError
 from data_builders.pair_builders import GeneratedSample, dropout_ntp_pairs
-from data_builders.pair_rows import PairRows, attention_bias, collate_pair_rows, pack_pairs, resolve_share_prefix
+from data_builders.pair_rows import PairRows, collate_pair_rows, pack_pairs, resolve_share_prefix
 from data_builders.preference_data import PreferencePair, build_preference_pairs
 
 
@@ -94,9 +94,8 @@ def collate_preference(pairs: Sequence[Sequence[PreferencePair]], pair_ids: list
 
 def sequence_logprobs(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
     """(pairs, 2) summed response-token log-probs of chosen and rejected, from one forward."""
-    config = getattr(model, "module", model).config
-    bias = attention_bias(batch.rows.attention_mask, config._attn_implementation, next(model.parameters()).dtype)
-    hidden = hidden_states(model, batch.rows.input_ids, batch.rows.position_ids, bias)
+    rows = batch.rows
+    hidden = hidden_states(model, rows.input_ids, rows.position_ids, rows.lengths(), rows.attention_mask)
     logprobs = logprobs_of(model, hidden[batch.positions[:, 0], batch.positions[:, 1]], batch.targets)
     sums = torch.zeros(2 * batch.num_pairs, dtype=logprobs.dtype, device=logprobs.device)
     return sums.index_add(0, batch.sequence, logprobs).view(-1, 2)
@@ -116,8 +115,10 @@ class MPOTrainer(Trainer):
         if cfg.reference == "adapters" and not recipe.model.lora.enabled:
             raise UserError("mpo.reference=adapters needs model.lora.enabled=true (the reference is the policy without adapters)")
         self.tokenizer = load_tokenizer(recipe.model)
-        self.model = load_causal_lm(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
-        self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
+        model_cfg = dataclasses.replace(recipe.model, attn_implementation=resolve_attention(recipe.model.attn_implementation,
+                                                                                           needs_4d_mask=data.share_prefix is True))
+        self.model = load_causal_lm(model_cfg, self.tokenizer, torch.float32, seed=recipe.train.seed)
+        self.share_prefix = resolve_share_prefix(data.share_prefix, self.model)
         self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
         self.model.to(engine.device)
         self.sampled_stats: dict[str, Any] = {}
@@ -186,7 +187,8 @@ class MPOTrainer(Trainer):
     def _reference_config(self):
         model = self.recipe.model
         return dataclasses.replace(model, name_or_path=self.recipe.mpo.reference_path or model.name_or_path, gradient_checkpointing=False,
-                                   lora=dataclasses.replace(model.lora, enabled=False))  # fmt: skip
+                                   lora=dataclasses.replace(model.lora, enabled=False),
+                                   attn_implementation=self.model.config._attn_implementation)  # the policy's: same pair layout  # fmt: skip
 
     def _load_reference(self) -> torch.nn.Module:
         """Frozen, so in the compute dtype (bf16 on GPU by default), as RLHF's reference; the policy keeps fp32 master weights."""

@@ -11,14 +11,14 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 
 from align.config import RMRecipe
-from align.engine.models import load_reward_model, load_tokenizer
+from align.engine.models import load_reward_model, load_tokenizer, resolve_attention
 from align.engine.plan import eval_micro_batches
 from align.model_paths import check_model_path
 from align.reward_model_info import RewardModelInfo, reward_token_id
@@ -61,14 +61,16 @@ class RMTrainer(Trainer):
         check_model_path(recipe.model.name_or_path)
         self.tokenizer = load_tokenizer(recipe.model)
         token_id = reward_token_id(self.tokenizer, reward.reward_token)
-        self.model = load_reward_model(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
+        model_cfg = replace(recipe.model, attn_implementation=resolve_attention(recipe.model.attn_implementation,
+                                                                                needs_4d_mask=data.share_prefix is True))
+        self.model = load_reward_model(model_cfg, self.tokenizer, torch.float32, seed=recipe.train.seed)
         self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
         build = lambda sources, split: build_pairs(sources, data, reward.conditions, self.tokenizer, self.bad_rows, token_id, split)  # noqa: E731
         self.pairs = build(data.train, "train")
         eval_sources = data.eval_sources()
         self.eval_pairs = build(eval_sources, "eval") if eval_sources else []
         self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
-        self.share_prefix = resolve_share_prefix(data.share_prefix, self.model.config._attn_implementation)
+        self.share_prefix = resolve_share_prefix(data.share_prefix, self.model)
         # a row holds 2·max_length tokens by default (the longest possible pair); InternLM2: 8192 → 16,384-token batches
         capacity = data.pair_row_tokens or 2 * data.max_length
         self.train_rows, saved = pack_pairs(self.pairs, capacity, data.packing, self.share_prefix)

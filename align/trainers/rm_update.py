@@ -85,7 +85,7 @@ def update_reward_model(model: torch.nn.Module, pairs: list[Pair], pad_id: int, 
     low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if low:
         raise ValueError(f"the fast-path reward-model update needs fp32 master weights, got {low}; load the replica in fp32")
-    share = resolve_share_prefix(None, model.config._attn_implementation)
+    share = resolve_share_prefix(None, model)
     before = pairwise_accuracy(model, pairs, pad_id, share)
     params = [p for p in model.parameters()]
     for p in params:
