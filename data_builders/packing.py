@@ -58,20 +58,20 @@ def collate_rows(rows: Sequence[Sequence[Sample]], pad_id: int, reduction: Reduc
     longest = max(sum(len(s) for s in row) for row in rows)
     length = -(-longest // multiple_of) * multiple_of
     shape = (len(rows), length)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    targets = torch.full(shape, -100, dtype=torch.long)
-    weights = torch.zeros(shape, dtype=torch.float32)
-    doc_ids = torch.full(shape, -1, dtype=torch.long)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long, device="cpu")
+    position_ids = torch.zeros(shape, dtype=torch.long, device="cpu")
+    targets = torch.full(shape, -100, dtype=torch.long, device="cpu")
+    weights = torch.zeros(shape, dtype=torch.float32, device="cpu")
+    doc_ids = torch.full(shape, -1, dtype=torch.long, device="cpu")
     doc = 0
     for r, row in enumerate(rows):
         offset = 0
         for sample in row:
             n = len(sample)
-            ids = torch.tensor(sample.input_ids, dtype=torch.long)
-            mask = torch.tensor(sample.loss_mask, dtype=torch.bool)
+            ids = torch.tensor(sample.input_ids, dtype=torch.long, device="cpu")
+            mask = torch.tensor(sample.loss_mask, dtype=torch.bool, device="cpu")
             input_ids[r, offset : offset + n] = ids
-            position_ids[r, offset : offset + n] = torch.arange(n)
+            position_ids[r, offset : offset + n] = torch.arange(n, device="cpu")
             doc_ids[r, offset : offset + n] = doc
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], -100))
             targets[r, offset : offset + n - 1] = shifted
@@ -82,7 +82,7 @@ def collate_rows(rows: Sequence[Sequence[Sample]], pad_id: int, reduction: Reduc
             # Padding continues the last document's positions: causally invisible to it, and a row
             # holding one document keeps the plain causal mask (sdpa's is_causal fast path).
             start = int(position_ids[r, offset - 1]) + 1 if offset else 0
-            position_ids[r, offset:] = torch.arange(start, start + length - offset)
+            position_ids[r, offset:] = torch.arange(start, start + length - offset, device="cpu")
     return TokenBatch(input_ids, position_ids, targets, weights, doc_ids)
 
 

@@ -124,24 +124,24 @@ def collate_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]
         lengths[s.row] = s.start + s.prefix + s.chosen + s.rejected
     length = -(-max(lengths) // multiple_of) * multiple_of
     shape = (len(rows), length)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    unit = torch.full(shape, -1, dtype=torch.long)
-    branch = torch.full(shape, PREFIX, dtype=torch.long)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long, device="cpu")
+    position_ids = torch.zeros(shape, dtype=torch.long, device="cpu")
+    unit = torch.full(shape, -1, dtype=torch.long, device="cpu")
+    branch = torch.full(shape, PREFIX, dtype=torch.long, device="cpu")
     pairs = (pair for row in rows for pair in row)
     for u, (s, (chosen, rejected)) in enumerate(zip(spans, pairs, strict=True)):
         own = s.start + s.prefix + s.chosen
         end = own + s.rejected
-        input_ids[s.row, s.start : own] = torch.tensor(chosen, dtype=torch.long)
-        input_ids[s.row, own:end] = torch.tensor(rejected[s.prefix :], dtype=torch.long)
-        position_ids[s.row, s.start : own] = torch.arange(s.prefix + s.chosen)
-        position_ids[s.row, own:end] = torch.arange(s.prefix, s.prefix + s.rejected)
+        input_ids[s.row, s.start : own] = torch.tensor(chosen, dtype=torch.long, device="cpu")
+        input_ids[s.row, own:end] = torch.tensor(rejected[s.prefix :], dtype=torch.long, device="cpu")
+        position_ids[s.row, s.start : own] = torch.arange(s.prefix + s.chosen, device="cpu")
+        position_ids[s.row, own:end] = torch.arange(s.prefix, s.prefix + s.rejected, device="cpu")
         unit[s.row, s.start : end] = u
         branch[s.row, s.start + s.prefix : own] = CHOSEN
         branch[s.row, own:end] = REJECTED
     for r, n in enumerate(lengths):  # padding continues the row's last positions (invisible to real tokens)
         start = int(position_ids[r, n - 1]) + 1 if n else 0
-        position_ids[r, n:] = torch.arange(start, start + length - n)
+        position_ids[r, n:] = torch.arange(start, start + length - n, device="cpu")
     mask = pair_attention_mask(unit, branch) if share_prefix else None
     sequence_tokens = sum(2 * s.prefix + s.chosen + s.rejected for s in spans)
     return PairRows(input_ids, position_ids, mask, spans, sum(lengths), sequence_tokens)
@@ -153,12 +153,12 @@ def pair_attention_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tenso
     Padding (unit −1) attends only to itself, so no query row is fully masked (sdpa would return NaN there).
     """
     length = unit.shape[1]
-    idx = torch.arange(length)
+    idx = torch.arange(length, device=unit.device)
     causal = idx[None, :] <= idx[:, None]  # (q, k)
     same_unit = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
     visible_branch = (branch[:, None, :] == PREFIX) | (branch[:, None, :] == branch[:, :, None])
     mask = same_unit & causal & visible_branch
-    mask |= (unit < 0)[:, :, None] & torch.eye(length, dtype=torch.bool)
+    mask |= (unit < 0)[:, :, None] & torch.eye(length, dtype=torch.bool, device=unit.device)
     return mask[:, None]
 
 

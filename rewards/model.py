@@ -74,4 +74,4 @@ def pack_documents(rows: list[list[list[int]]], pad_id: int) -> tuple[torch.Tens
         for ids in row:
             offset += len(ids)
             ends.append((r, offset - 1))
-    return batch.input_ids, batch.position_ids, torch.tensor(ends), batch.num_tokens
+    return batch.input_ids, batch.position_ids, torch.tensor(ends, device="cpu"), batch.num_tokens

@@ -78,7 +78,7 @@ class RewardRouter:
         param = next(self.model.parameters())
         device = param.device
         cast = self.autocast_dtype is not None and self.autocast_dtype != param.dtype
-        out = torch.empty(len(docs))
+        out = torch.empty(len(docs), device="cpu")
         for row in pack_best_fit([len(d) for d in docs], max(self.row_tokens, max(map(len, docs)))):
             input_ids, position_ids, ends, _ = pack_documents([[docs[i] for i in row]], self.tokenizer.pad_token_id)
             with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=cast):
@@ -97,12 +97,12 @@ class RewardRouter:
         groups: dict[str, list[float]] = defaultdict(list)
         for s, value in zip(samples, raw.tolist(), strict=True):
             groups[s["condition"]].append(value)
-        return {c: {"mean": float(torch.tensor(v).mean()), "std": float(torch.tensor(v).std(correction=0))} for c, v in sorted(groups.items())}
+        return {c: {"mean": float(torch.tensor(v, device="cpu").mean()), "std": float(torch.tensor(v, device="cpu").std(correction=0))} for c, v in sorted(groups.items())}
 
     def score(self, samples: Sequence[Sample]) -> RouterResult:
         routes = [self.route(s["condition"]) for s in samples]
         names = sorted({name for r in routes for name in r})
-        components = {name: torch.full((len(samples),), float("nan")) for name in names}
+        components = {name: torch.full((len(samples),), float("nan"), device="cpu") for name in names}
         rm_idx = [i for i, r in enumerate(routes) if "rm" in r]
         if rm_idx:
             components["rm"][rm_idx] = self.rm_scores([samples[i] for i in rm_idx])
@@ -113,7 +113,7 @@ class RewardRouter:
             for i, route in enumerate(routes):
                 if name in route:
                     components[name][i] = fn(samples[i], **kwargs)
-        total = torch.zeros(len(samples))
+        total = torch.zeros(len(samples), device="cpu")
         for i, route in enumerate(routes):
             total[i] = sum(weight * components[name][i] for name, weight in route.items())
         return RouterResult(total, components, self._breakdown(samples, total, components))

@@ -82,6 +82,12 @@ def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, **e
     return config
 
 
+def eos_ids(first: int | None, kept: int | list[int] | None) -> list[int]:
+    """`first` (the tokenizer's end-of-turn), then every id of `kept` (a config's `eos_token_id`: an int or a list)."""
+    kept = [kept] if isinstance(kept, int) else list(kept or [])
+    return [i for i in dict.fromkeys([first, *kept]) if i is not None]
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """A causal LM from a built-in shape (random init, seeded) or from pretrained weights."""
     attn = resolve_attention(cfg.attn_implementation)
@@ -100,8 +106,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: 
         )
     if model.generation_config is not None:  # the tokenizer's end-of-turn first, every EOS the model already has kept
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        kept = model.generation_config.eos_token_id
-        ids = [i for i in dict.fromkeys([tokenizer.eos_token_id, *([kept] if isinstance(kept, int) else kept or [])]) if i is not None]
+        ids = eos_ids(tokenizer.eos_token_id, model.generation_config.eos_token_id)
         model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else (ids or None)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

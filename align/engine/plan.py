@@ -51,7 +51,7 @@ class StepPlan:
     def _order(self, epoch: int) -> list[int]:
         if self._cached_epoch != epoch:  # one permutation per epoch, computed once
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._cached_epoch, self._cached_order = epoch, torch.randperm(self.num_rows, generator=generator).tolist()
+            self._cached_epoch, self._cached_order = epoch, torch.randperm(self.num_rows, generator=generator, device="cpu").tolist()
         return self._cached_order
 
     def step_rows(self, step: int) -> list[int]:

@@ -110,8 +110,8 @@ class RolloutBuffer:
     def normalize_advantages(self, accelerator: Any = None, eps: float = 1e-8) -> tuple[float, float]:
         """Whiten advantages over every response token on every rank (sum, sum of squares and count all-reduced)."""
         values = [r.advantages for r in self.rollouts if r.advantages is not None]
-        flat = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64)
-        stats = torch.stack([flat.sum(), (flat**2).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)])
+        flat = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64, device="cpu")
+        stats = torch.stack([flat.sum(), (flat**2).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64, device="cpu")])
         if accelerator is not None and accelerator.num_processes > 1:
             stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
         total, squares, count = stats.tolist()

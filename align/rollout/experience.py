@@ -34,7 +34,7 @@ class RolloutBatch:
 
     def per_rollout(self, flat: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Flat per-target values → one tensor per rollout, in the micro-batch's rollout order."""
-        out: list[torch.Tensor] = [torch.empty(0)] * count
+        out: list[torch.Tensor] = [torch.empty(0, device="cpu")] * count
         for i, part in zip(self.order, flat.split(self.lengths), strict=True):
             out[i] = part
         return out
@@ -75,8 +75,8 @@ def critic_values(model: torch.nn.Module, batch: RolloutBatch, critic: torch.nn.
 def pad_tokens(values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D tensors → (n, longest) right-padded with 0, and the mask of real entries."""
     longest = max((len(v) for v in values), default=0)
-    out = torch.zeros(len(values), longest)
-    mask = torch.zeros(len(values), longest)
+    out = torch.zeros(len(values), longest, device="cpu")
+    mask = torch.zeros(len(values), longest, device="cpu")
     for i, v in enumerate(values):
         out[i, : len(v)] = v.float()
         mask[i, : len(v)] = 1

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
+from align.engine.models import eos_ids
 from data_builders.render import render_prompt
 
 
@@ -68,10 +69,7 @@ def full_weights(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[t
 
 def end_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS first, then every EOS id of the model's generation config (an int or a list)."""
-    config = getattr(model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    extra = [extra] if isinstance(extra, int) else list(extra or [])
-    return [i for i in dict.fromkeys([tokenizer.eos_token_id, *extra]) if i is not None]
+    return eos_ids(tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
 
 class HFGenerator:
@@ -103,10 +101,10 @@ class HFGenerator:
     def _batch(self, model: torch.nn.Module, chunk: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
         tok = self.tokenizer
         width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long, device="cpu")
+        attention = torch.zeros((len(chunk), width), dtype=torch.long, device="cpu")
         for r, ids in enumerate(chunk):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            input_ids[r, width - len(ids) :] = torch.tensor(ids, device="cpu")
             attention[r, width - len(ids) :] = 1
         ends = end_token_ids(model, tok)
         greedy = params.temperature <= 0

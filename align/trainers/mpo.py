@@ -83,10 +83,10 @@ def collate_preference(pairs: Sequence[Sequence[PreferencePair]], pair_ids: list
             sequence += [2 * k + side] * (len(ids) - start)
     return PreferenceBatch(
         rows,
-        torch.tensor(positions, dtype=torch.long),
-        torch.tensor(targets, dtype=torch.long),
-        torch.tensor(sequence, dtype=torch.long),
-        torch.tensor([p.chosen_tokens for p in flat], dtype=torch.float32),
+        torch.tensor(positions, dtype=torch.long, device="cpu"),
+        torch.tensor(targets, dtype=torch.long, device="cpu"),
+        torch.tensor(sequence, dtype=torch.long, device="cpu"),
+        torch.tensor([p.chosen_tokens for p in flat], dtype=torch.float32, device="cpu"),
         pair_ids,
         [p.condition for p in flat],
     )

@@ -107,7 +107,7 @@ def _shard_pass(reference: torch.nn.Module, pairs: list[PreferencePair], sums: C
         results += list(zip(ids, values.tolist()))
     if engine.world_size > 1:
         results = gather_object(results)
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device="cpu")
     for i, value in results:
-        out[i] = torch.tensor(value)
+        out[i] = torch.tensor(value, device="cpu")
     return out

@@ -185,7 +185,7 @@ class RLHFTrainer:
         picked = []
         for k in range(iteration * per, (iteration + 1) * per):
             epoch, index = divmod(k, pool)
-            order = torch.randperm(pool, generator=torch.Generator().manual_seed(self.recipe.train.seed * 7919 + epoch)).tolist()
+            order = torch.randperm(pool, generator=torch.Generator().manual_seed(self.recipe.train.seed * 7919 + epoch), device="cpu").tolist()
             picked.append(self.prompts[order[index]])
         mine = per // self.engine.world_size
         return picked[self.engine.rank * mine : (self.engine.rank + 1) * mine]
@@ -212,15 +212,15 @@ class RLHFTrainer:
         start = time.perf_counter()
         round_index = iteration // ppo.iterations_per_round
         rollouts = collect_rollouts(_Replay(generations), self.router, problems, params, round_index, iteration)
-        raw = torch.tensor([r.reward for r in rollouts])
+        raw = torch.tensor([r.reward for r in rollouts], device="cpu")
         scores = raw.clamp(-ppo.reward_clip, ppo.reward_clip)
-        truncated = torch.tensor([r.truncated for r in rollouts])
+        truncated = torch.tensor([r.truncated for r in rollouts], device="cpu")
         if ppo.truncated == "penalty":
             scores = scores + truncated.float() * ppo.truncation_penalty
-        trained = torch.tensor([self._trained(r) for r in rollouts])
+        trained = torch.tensor([self._trained(r) for r in rollouts], device="cpu")
         if ppo.normalize_reward:
             kept = scores[trained].double()
-            sums = torch.stack([kept.sum(), (kept**2).sum(), torch.tensor(float(kept.numel()), dtype=torch.float64)])
+            sums = torch.stack([kept.sum(), (kept**2).sum(), torch.tensor(float(kept.numel()), dtype=torch.float64, device="cpu")])
             sums = engine.accelerator.reduce(sums.to(engine.device), "sum").cpu() if engine.world_size > 1 else sums
             self.moments.update(*sums.tolist())
             scores = self.moments.normalize(scores)
@@ -271,7 +271,7 @@ class RLHFTrainer:
         ids = []
         for j in range(draw * k, (draw + 1) * k):
             epoch, index = divmod(j, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.train.seed * 104_729 + epoch)).tolist()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.train.seed * 104_729 + epoch), device="cpu").tolist()
             ids.append(order[index])
         return collate_rows([[self.ptx_samples[i] for i in self.ptx_rows[r]] for r in ids], self.tokenizer.pad_token_id)
 
@@ -287,7 +287,7 @@ class RLHFTrainer:
         seen: dict[str, list[torch.Tensor]] = defaultdict(list)
         norms: list[float] = []
         for epoch in range(ppo.ppo_epochs):
-            order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self._seed(iteration, 1 + epoch))).tolist()
+            order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self._seed(iteration, 1 + epoch)), device="cpu").tolist()
             size = len(order) // ppo.mini_batches
             for m in range(ppo.mini_batches):
                 chosen = [rollouts[i] for i in order[m * size : (m + 1) * size]]
@@ -296,7 +296,7 @@ class RLHFTrainer:
                 ptx_batches = [self._ptx_batch(d) for d in draws] if use_ptx else [None] * len(parts)
                 items = [(self.ppo_batch(part), ptx) for part, ptx in zip(parts, ptx_batches, strict=True)]  # host tensors
                 tokens = float(sum(len(r.response_ids) for r in chosen if self._trained(r)))
-                local = torch.tensor([tokens, float(sum(float(b.weights.sum()) for b in ptx_batches if b is not None))])
+                local = torch.tensor([tokens, float(sum(float(b.weights.sum()) for b in ptx_batches if b is not None))], device="cpu")
                 total_tokens, total_ptx = (acc.reduce(local.to(engine.device), "sum").cpu() if engine.world_size > 1 else local).tolist()
 
                 loss_fn = functools.partial(self.micro_loss, total_tokens=max(total_tokens, 1.0), total_ptx=max(total_ptx, 1.0), actor_on=actor_on)
@@ -323,7 +323,7 @@ class RLHFTrainer:
     def ppo_batch(self, part: list) -> PPOBatch:
         """A micro-batch's rollouts packed into rows with their per-token training targets, built on the host."""
         batch = collate_rollouts(part, self.tokenizer.pad_token_id, self._row_tokens())
-        weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r))) for r in part])
+        weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r)), device="cpu") for r in part])
         fields = {name: batch.flat([getattr(r, name) for r in part]) for name in ("returns", "values", "logprobs", "advantages")}
         return PPOBatch(batch, weight, **fields)
 

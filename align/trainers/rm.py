@@ -49,7 +49,7 @@ def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int, share_prefix: boo
     """Each row's pairs as shared-prefix units (or, without sharing, as two packed documents each)."""
     pair_rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in rows], pad_id, share_prefix)
     pairs = [p for row in rows for p in row]
-    return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs]), [p.condition for p in pairs], [p.tag for p in pairs])
+    return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs], device="cpu"), [p.condition for p in pairs], [p.tag for p in pairs])
 
 
 class RMTrainer(Trainer):

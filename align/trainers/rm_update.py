@@ -97,7 +97,7 @@ def update_reward_model(model: torch.nn.Module, pairs: list[Pair], pad_id: int, 
     losses = []
     for _ in range(steps):
         if len(order) < batch_pairs:
-            order += torch.randperm(len(pairs), generator=generator).tolist()
+            order += torch.randperm(len(pairs), generator=generator, device="cpu").tolist()
         take, order = order[:batch_pairs], order[batch_pairs:]
         batch = collate_pairs([[pairs[i]] for i in take], pad_id, share).rows.to(next(model.parameters()).device)
         chosen, rejected = pair_scores(model, batch)
