@@ -110,6 +110,17 @@ def test_packed_sft_logprobs_equal_separate_forwards(arch, attn):
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_flex_attention_keeps_packed_documents_and_windows_apart():
+    """`model.attn_implementation: flex_attention` (compiled on CPU too): positions alone separate the documents."""
+    model = build("mistral", "flex_attention")
+    rows = [[Sample(d, [1] * len(d)) for d in DOCUMENTS[:3]], [Sample(d, [1] * len(d)) for d in DOCUMENTS[3:]]]
+    logprobs, _ = target_logprobs(model, collate_rows(rows, 0))
+    model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(logprobs, torch.cat([plain_logprobs(model, d) for d in DOCUMENTS]), rtol=0, atol=1e-5)
+    assert resolve_share_prefix(None, build("mistral", "flex_attention")) is False  # it takes no 4-D pair mask
+
+
 @pytest.mark.parametrize("share_prefix", [True, False])
 @pytest.mark.parametrize(("arch", "attn"), CASES)
 @torch.no_grad()

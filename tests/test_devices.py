@@ -8,7 +8,6 @@ refuses to mix them) is then a meta tensor and fails here, instead of on a GPU u
 from __future__ import annotations
 
 import ast
-import functools
 import math
 
 import pytest
