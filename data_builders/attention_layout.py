@@ -120,6 +120,22 @@ def shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+def packed_documents_unsupported(model: torch.nn.Module) -> str | None:
+    """Why documents packed into one row would leak into each other under this model, or None when they cannot.
+
+    Restarting positions separate documents only in masked attention: an attention that gets no mask, or recurrent and
+    linear-attention layers (whose state runs through the whole row), carry one document into the next.
+    """
+    config = _config(model)
+    layout = attention_layout(config._attn_implementation)
+    if not layout.separates_documents:
+        return f"{layout.implementation!r} attention gets no attention mask from transformers"
+    other = [t for t in mask_layer_types(config) if _mask_builder(t) is None]
+    if other:
+        return f"its {', '.join(other)} layers carry state across the whole row"
+    return None
+
+
 def plain_sequence_mask(config, layer_type: str, length: int, device: torch.device | str) -> torch.Tensor:
     """(length, length) bool: what transformers lets position q see of position k in one plain sequence, for a layer type."""
     build = _mask_builder(layer_type)
@@ -197,9 +213,9 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor, position_ids
         inputs["attention_mask"] = pair_layer_masks(attention_of if attention_of is not None else model, pair_mask, position_ids)
     elif layout.varlen:
         inputs, keep = varlen_inputs(input_ids, position_ids, lengths)
-    elif not layout.separates_documents and bool(((position_ids == 0).sum(-1) > 1).any()):
-        raise UserError(f"{layout.implementation!r} attention gets no attention mask from transformers, so packed documents would see "
-                         "each other; use sdpa, eager or flash_attention_2, or data.packing: false")  # fmt: skip
+    elif (reason := packed_documents_unsupported(attention_of if attention_of is not None else model)) and bool(((position_ids == 0).sum(-1) > 1).any()):
+        # the config is read first: the position check syncs with the device, so only a model that cannot separate pays it
+        raise UserError(f"{reason}, so packed documents would see each other; set data.packing: false (one document per row)")
     out = model(**inputs, use_cache=False, output_hidden_states=True, **extra)
     hidden = out.hidden_states[-1]
     if keep is None:

@@ -326,6 +326,9 @@ def test_layers_that_are_not_masked_attention_cannot_share_a_prefix():
     Hybrid.config._attn_implementation = "sdpa"
     assert "linear_attention layers are not masked attention" in shared_prefix_unsupported(Hybrid())
     assert resolve_share_prefix(None, Hybrid()) is False
+    packed = collate_rows([[Sample(d, [1] * len(d)) for d in DOCUMENTS[:2]]], 0)  # their state would run from one into the next
+    with pytest.raises(UserError, match="its linear_attention layers carry state across the whole row, so packed documents would see each other"):
+        forward_hidden(Hybrid(), packed.input_ids, packed.position_ids, packed.lengths())
 
 
 def test_several_layer_types_need_a_model_that_takes_one_mask_per_type():
