@@ -98,7 +98,8 @@ def cmd_mpo(args: argparse.Namespace) -> int:
 def cmd_rlhf(args: argparse.Namespace) -> int:
     recipe = load_recipe(RLHFRecipe, args.config, args.overrides)
     check_recipe_paths(recipe)
-    check_model_path(recipe.ppo.reward_model, "ppo.reward_model", MAKE_RM)
+    if recipe.ppo.uses_reward_model:
+        check_model_path(recipe.ppo.reward_model, "ppo.reward_model", MAKE_RM)
     from align.trainers.rlhf import run_rlhf
 
     summary = run_rlhf(recipe)

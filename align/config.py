@@ -344,7 +344,10 @@ class DetectorConfig:
 class PPOConfig:
     """COOL RLHF (InternLM2 §4.2): conditional online PPO against the reward router, in rounds."""
 
-    reward_model: str = "runs/rm-quickstart/model"  # a conditional RM from `align rm`; also the critic's start
+    # gae: PPO with a critic (started from the reward model); grpo / rloo / reinforce_baseline: no critic, a baseline from
+    # the prompt's other samples (align/losses/advantages.py)
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_baseline"] = "gae"
+    reward_model: str | None = "runs/rm-quickstart/model"  # a conditional RM from `align rm`; the critic's start (gae); null: verifier routes only
     routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rlhf_routes)  # condition → {rm | verifier: weight}
     prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: the synthetic train prompts
     num_prompts: int = bounded(2000, ge=1)  # prompt pool, cycled in a seeded order
@@ -360,17 +363,23 @@ class PPOConfig:
     generation_batch_size: int = bounded(64, ge=1)  # prompts per generate call
     truncated: Literal["penalty", "drop"] = "penalty"  # responses that hit max_new_tokens: add the penalty, or train on none of their tokens
     truncation_penalty: float = -1.0
-    kl_coef: float = bounded(0.01, ge=0.0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_coef: float = bounded(0.01, ge=0.0)  # 0: no reference model is loaded
+    kl_estimator: Literal["k1", "k3"] = "k1"  # of the KL in the reward (the KL loss term is always k3)
+    # where the KL penalty goes; auto: in the reward for gae, rloo and reinforce_baseline, a k3 loss term for grpo (as each defines it)
+    kl_penalty: Literal["auto", "reward", "loss"] = "auto"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: divide r − group mean by the group's std, the batch's, or nothing
+    # how per-token policy losses become the step loss (TRL's loss_type): dapo = token mean over the step (all ranks)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = "dapo"
     gamma: float = bounded(1.0, **SHARE)
     lam: float = bounded(0.99, **SHARE)
     clip: float = bounded(0.2, gt=0.0)
+    clip_high: float | None = bounded(None, gt=0.0)  # the ratio's upper clip 1 + clip_high (DAPO's clip-higher); null: clip
     value_clip: float | None = bounded(None, gt=0.0)  # off in InternLM2
     whiten_advantages: bool = False
     reward_clip: float = bounded(5.0, gt=0.0)
     normalize_reward: bool = True  # running mean/std of the clipped score, over all ranks (xtuner)
     critic_lr: float = bounded(5e-6, gt=0.0)
-    critic_warmup_iterations: int = bounded(50, ge=0)  # critic-only iterations before the actor moves
+    critic_warmup_iterations: int | None = bounded(None, ge=0)  # critic-only iterations before the actor moves; null: 50 with a critic, else 0
     ptx_coef: float = bounded(0.5, ge=0.0)  # pretraining (SFT) loss on data.train
     ptx_rows: int = bounded(1, ge=1)  # packed data.train rows per rank per micro-step
     comparisons_dir: str | None = None  # slow path: externally labelled comparison JSONL files ingested between rounds
@@ -378,6 +387,34 @@ class PPOConfig:
     rm_update_lr: float = bounded(1e-5, gt=0.0)
     rm_update_batch: int = bounded(16, ge=1)  # pairs per reward-model step
     detectors: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
+
+    def __post_init__(self) -> None:
+        if self.critic_warmup_iterations is None:
+            self.critic_warmup_iterations = 50 if self.uses_critic else 0
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.advantage_estimator == "grpo")
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.uses_critic or self.rm_update_steps > 0 or any("rm" in route for route in self.routes.values())
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.reward_model is None and self.uses_reward_model:
+            why = "the gae critic starts from it" if self.uses_critic else ("the fast path updates it" if self.rm_update_steps else "ppo.routes use 'rm'")
+            out.append(("reward_model", f"is null but {why}; give a reward model, or a critic-free estimator with verifier-only routes"))
+        if not self.uses_critic and self.samples_per_prompt < 2:
+            out.append(("samples_per_prompt", f"must be >= 2 for {self.advantage_estimator}: its baseline is the prompt's other samples, "
+                        f"got {self.samples_per_prompt}"))  # fmt: skip
+        if not self.uses_critic and self.critic_warmup_iterations:
+            out.append(("critic_warmup_iterations", f"must be 0 or null: {self.advantage_estimator} trains no critic, got {self.critic_warmup_iterations}"))
+        return out
 
 
 @dataclasses.dataclass

@@ -250,9 +250,9 @@ def test_a_nan_ppo_step_is_skipped_and_counted_and_k_in_a_row_stop_without_a_che
 
     real, calls, bad = rlhf.policy_loss_tokens, {"n": 0}, {1}
 
-    def flaky(logprobs, old, advantages, clip):  # 2 micro-batches per optimizer step
+    def flaky(logprobs, old, advantages, clip, clip_high=None):  # 2 micro-batches per optimizer step
         calls["n"] += 1
-        per_token, clipped = real(logprobs, old, advantages, clip)
+        per_token, clipped = real(logprobs, old, advantages, clip, clip_high)
         return (per_token * float("nan") if (calls["n"] - 1) // 2 in bad else per_token), clipped
 
     monkeypatch.setattr(rlhf, "policy_loss_tokens", flaky)

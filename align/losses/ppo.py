@@ -52,11 +52,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def policy_loss_tokens(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                       clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per-token PPO clipped surrogate max(−A·r, −A·clip(r)), and where the clip was active."""
+                       clip: float = 0.2, clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-token PPO clipped surrogate max(−A·r, −A·clip(r)), and where the clip was active; `clip_high`: DAPO's upper bound."""
     ratio = torch.exp(logprobs.float() - old_logprobs.float())
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 

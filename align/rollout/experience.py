@@ -9,11 +9,12 @@ and are stored on the `Rollout` (step-level fields) until the update has used th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from align.losses.advantages import group_centred, grpo_advantages, returns_to_go, rloo_advantages
 from align.losses.logprobs import hidden_states, logprobs_and_entropy_of, logprobs_of
 from align.losses.ppo import gae, kl_estimate, token_rewards
 from align.rollout.buffer import Rollout
@@ -97,4 +98,35 @@ def assign_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, kl_coef
     for i, r in enumerate(rollouts):
         n = len(r.response_ids)
         r.advantages, r.returns = advantages[i, :n].clone(), returns[i, :n].clone()
+    return kl.sum(-1)
+
+
+def assign_group_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, estimator: str, group_size: int, kl_coef: float,
+                            kl_estimator: str, gamma: float = 1.0, scale: str = "group",
+                            batch_std: Callable[[torch.Tensor], float] | None = None) -> torch.Tensor:  # fmt: skip
+    """Critic-free advantages (see `align.losses.advantages`) written onto each rollout; `kl_coef` is the KL in the reward
+    (0 when the KL is a loss term). The rollouts are in group order; `batch_std` gives the std of scores over every rank
+    (grpo's `scale="batch"`). Returns each rollout's summed KL estimate.
+
+    grpo / rloo: the sequence's KL-penalised score against its group's baseline, the same advantage on every token;
+    reinforce_baseline: r − group mean at the last token, −kl_coef·KL per token, returns to go (whitened by the caller).
+    """
+    logprobs, mask = pad_tokens([r.logprobs for r in rollouts])
+    ref, _ = pad_tokens([r.ref_logprobs for r in rollouts])
+    kl = kl_estimate(logprobs, ref, kl_estimator) * mask
+    if estimator == "reinforce_baseline":
+        advantages = returns_to_go(token_rewards(group_centred(scores.float(), group_size), kl, mask, kl_coef), mask, gamma)
+    else:
+        penalised = scores.float() - kl_coef * kl.sum(-1)
+        if estimator == "grpo":
+            per_sequence = grpo_advantages(penalised, group_size, scale, batch_std(penalised) if scale == "batch" and batch_std else None)
+        elif estimator == "rloo":
+            per_sequence = rloo_advantages(penalised, group_size)
+        else:
+            raise ValueError(f"unknown critic-free estimator {estimator!r}")
+        advantages = per_sequence[:, None] * mask
+    for i, r in enumerate(rollouts):
+        n = len(r.response_ids)
+        r.advantages = advantages[i, :n].clone()
+        r.returns = r.advantages.clone()  # no critic: nothing regresses on them, kept for the buffer's one record shape
     return kl.sum(-1)

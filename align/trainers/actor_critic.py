@@ -24,14 +24,20 @@ if TYPE_CHECKING:
 
 
 class ActorCritic(torch.nn.Module):
-    """`forward(role="actor" | "critic", **inputs)`: the policy LM or the value model (RM backbone + head)."""
+    """`forward(role="actor" | "critic", **inputs)`: the policy LM or the value model (RM backbone + head).
 
-    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module):
+    `critic` is None for the critic-free estimators (GRPO, RLOO, REINFORCE++): the same module, loop and checkpoints,
+    with the actor alone inside.
+    """
+
+    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module | None):
         super().__init__()
         self.actor, self.critic = actor, critic
         self.config = actor.config  # what the log-prob helpers read (attention implementation)
 
     def forward(self, *args, role: str = "actor", **kwargs):
+        if role != "actor" and self.critic is None:
+            raise RuntimeError("this run has no critic (a critic-free advantage estimator)")
         return (self.actor if role == "actor" else self.critic)(*args, **kwargs)
 
     def get_output_embeddings(self) -> torch.nn.Module:
@@ -59,7 +65,9 @@ def _groups(module: torch.nn.Module, lr: float, weight_decay: float, name: str) 
 
 
 def build_actor_critic_optimizer(model: ActorCritic, cfg: OptimConfig, critic_lr: float) -> torch.optim.Optimizer:
-    groups = _groups(model.actor, cfg.lr, cfg.weight_decay, "actor") + _groups(model.critic, critic_lr, cfg.weight_decay, "critic")
+    groups = _groups(model.actor, cfg.lr, cfg.weight_decay, "actor")
+    if model.critic is not None:
+        groups += _groups(model.critic, critic_lr, cfg.weight_decay, "critic")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -80,10 +88,10 @@ def build_actor_critic_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimCon
 
 
 def export_actor_critic(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> dict[str, Path]:
-    """`run_dir/model` (the policy) and `run_dir/critic`, each plain transformers + safetensors, written atomically."""
+    """`run_dir/model` (the policy) and `run_dir/critic` (if there is one), plain transformers + safetensors, written atomically."""
     state = accelerator.get_state_dict(model)  # consolidates ZeRO-3 partitions on rank 0
     inner = accelerator.unwrap_model(model)
-    out = {"actor": run_dir / "model", "critic": run_dir / "critic"}
+    out = {"actor": run_dir / "model"} | ({"critic": run_dir / "critic"} if inner.critic is not None else {})
     if accelerator.is_main_process:
         for role, target in out.items():
             sub = {k[len(role) + 1 :]: v for k, v in state.items() if k.startswith(role + ".")}

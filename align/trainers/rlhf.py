@@ -1,4 +1,5 @@
-"""COOL RLHF (InternLM2 §4.2): conditional online PPO against the reward router, in rounds.
+"""COOL RLHF (InternLM2 §4.2): conditional online PPO against the reward router, in rounds; and the critic-free
+estimators (GRPO, RLOO, REINFORCE++-baseline: `ppo.advantage_estimator`) on the same loop.
 
 Models: the actor (policy, from the SFT checkpoint) and the critic (the reward model's backbone and
 head) are one `ActorCritic` module, prepared once (one ZeRO-3 partitioning, one optimizer with a
@@ -13,6 +14,10 @@ One iteration (all of it a pure function of (seed, iteration, rank), so a resume
      (score at the last token − kl_coef·KL), GAE advantages and returns;
   4. train: `ppo_epochs` × `mini_batches` optimizer steps of clipped policy loss + value loss (+ PTX
      NLL on `data.train`); only the value loss during the critic warm-up.
+Critic-free (`grpo`, `rloo`, `reinforce_baseline`): no critic is built or trained; step 3 takes the baseline from the
+prompt's other samples (`align/losses/advantages.py`), the KL goes in the reward or (GRPO) into the loss as k3, and the
+policy loss is normalised per `ppo.loss_type`. With one optimizer step per iteration and no KL in the reward, the old
+log-probs are the trained forward's own (detached), so the experience pass skips the policy forward, as TRL does.
 Between rounds, the fast path flags reward hacking, turns the round's early-vs-late contradictions
 (plus slow-path rows dropped in `comparisons_dir`) into comparisons, and updates the reward model.
 
@@ -44,6 +49,7 @@ from align.engine.logger import RunLogger
 from align.engine.loop import Stepper
 from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer, prepare_frozen, without_zero3_init
 from align.evaluation import load_prompts
+from align.losses.advantages import k3_kl, token_loss_weights
 from align.losses.logprobs import target_logprobs
 from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
 from align.model_paths import MAKE_RM, check_model_path
@@ -51,7 +57,14 @@ from align.reward_model_info import RewardModelInfo, reward_token_id
 from align.rollout.buffer import RolloutBuffer
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
-from align.rollout.experience import RolloutBatch, actor_logprobs, assign_advantages, collate_rollouts, critic_values
+from align.rollout.experience import (
+    RolloutBatch,
+    actor_logprobs,
+    assign_advantages,
+    assign_group_advantages,
+    collate_rollouts,
+    critic_values,
+)
 from align.rollout.generation import HFGenerator, SamplingParams
 from align.run_state import check_run_dir, prepare_run_dir, recipe_fingerprint
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
@@ -91,7 +104,9 @@ class PPOBatch:
     returns: torch.Tensor
     values: torch.Tensor  # the critic's values at experience time (for value clipping)
     logprobs: torch.Tensor  # old log-probs
+    ref_logprobs: torch.Tensor  # for the KL loss term
     advantages: torch.Tensor
+    loss_weight: torch.Tensor  # per token: its weight in the step's policy loss (`ppo.loss_type`), 0 where not trained
 
     def to(self, device: torch.device | str) -> PPOBatch:
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
@@ -127,29 +142,37 @@ class RLHFTrainer:
     def setup(self) -> None:
         recipe, ppo, engine = self.recipe, self.ppo, self.engine
         check_model_path(recipe.model.name_or_path)
-        check_model_path(ppo.reward_model, "ppo.reward_model", MAKE_RM)
+        if ppo.uses_reward_model:
+            check_model_path(ppo.reward_model, "ppo.reward_model", MAKE_RM)
         self.tokenizer = tok = load_tokenizer(recipe.model)
         actor = load_causal_lm(recipe.model, tok, torch.float32, seed=recipe.train.seed)
-        rm_cfg = ModelConfig(name_or_path=ppo.reward_model, trust_remote_code=recipe.model.trust_remote_code,
+        rm_cfg = ModelConfig(name_or_path=ppo.reward_model or "", trust_remote_code=recipe.model.trust_remote_code,
                              attn_implementation=recipe.model.attn_implementation)  # fmt: skip
-        critic = load_reward_model(rm_cfg, tok, torch.float32, seed=recipe.train.seed)
-        if critic.config.vocab_size != actor.config.vocab_size:
-            raise UserError(f"ppo.reward_model has vocabulary {critic.config.vocab_size}, the policy {actor.config.vocab_size}: "
-                             "the critic starts from the reward model, so they must share a tokenizer")  # fmt: skip
-        reference_cfg = dataclasses.replace(recipe.model, gradient_checkpointing=False, lora=dataclasses.replace(recipe.model.lora, enabled=False))
-        self.reference = prepare_frozen(load_causal_lm(reference_cfg, tok, engine.dtype, seed=recipe.train.seed), engine.accelerator)
-        with without_zero3_init():  # a whole replica per rank: scoring needs no collectives and the fast path trains it locally
-            # the fast path trains it: fp32 master weights (bf16 would round a 1e-5 step away), scored under autocast
-            rm_dtype = torch.float32 if self.updates_reward_model else engine.dtype
-            self.reward_model = load_reward_model(rm_cfg, tok, rm_dtype).to(engine.device).eval().requires_grad_(False)
-        info = RewardModelInfo.read(ppo.reward_model)
+        critic = None
+        if ppo.uses_critic:  # gae: the critic starts from the reward model; the critic-free estimators build none
+            critic = load_reward_model(rm_cfg, tok, torch.float32, seed=recipe.train.seed)
+            if critic.config.vocab_size != actor.config.vocab_size:
+                raise UserError(f"ppo.reward_model has vocabulary {critic.config.vocab_size}, the policy {actor.config.vocab_size}: "
+                                 "the critic starts from the reward model, so they must share a tokenizer")  # fmt: skip
+        self.reference = None  # kl_coef 0: no KL anywhere, so no reference model
+        if ppo.kl_coef > 0:
+            reference_cfg = dataclasses.replace(recipe.model, gradient_checkpointing=False, lora=dataclasses.replace(recipe.model.lora, enabled=False))
+            self.reference = prepare_frozen(load_causal_lm(reference_cfg, tok, engine.dtype, seed=recipe.train.seed), engine.accelerator)
         self.conditions = recipe.reward.conditions
-        info.check_conditions(self.conditions, ppo.reward_model)
-        # scored at its reward token everywhere (router and fast-path comparisons) if it was trained with one
-        self.reward_token = info.resolve_reward_token(recipe.reward.reward_token, ppo.reward_model)
-        self.reward_token_id = reward_token_id(tok, self.reward_token)
+        self.reward_model, self.reward_token, self.reward_token_id, stats = None, None, None, {}
+        if ppo.uses_reward_model:
+            with without_zero3_init():  # a whole replica per rank: scoring needs no collectives and the fast path trains it locally
+                # the fast path trains it: fp32 master weights (bf16 would round a 1e-5 step away), scored under autocast
+                rm_dtype = torch.float32 if self.updates_reward_model else engine.dtype
+                self.reward_model = load_reward_model(rm_cfg, tok, rm_dtype).to(engine.device).eval().requires_grad_(False)
+            info = RewardModelInfo.read(ppo.reward_model)
+            info.check_conditions(self.conditions, ppo.reward_model)
+            # scored at its reward token everywhere (router and fast-path comparisons) if it was trained with one
+            self.reward_token = info.resolve_reward_token(recipe.reward.reward_token, ppo.reward_model)
+            self.reward_token_id = reward_token_id(tok, self.reward_token)
+            stats = info.stats
         # short rows: CPU attention computes each row's whole length × length block, masked or not
-        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, info.stats, self.reward_token_id,
+        self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, stats, self.reward_token_id,
                                    row_tokens=self._row_tokens(), autocast_dtype=engine.dtype)
 
         self.prompts = load_prompts(ppo.prompts_path, recipe.data.synthetic, ppo.num_prompts, split="train")
@@ -168,7 +191,7 @@ class RLHFTrainer:
         scheduler = build_actor_critic_scheduler(optimizer, recipe.optim, self.total_iterations * steps_per_iteration,
                                                  ppo.critic_warmup_iterations * steps_per_iteration)  # fmt: skip
         self.model, optimizer, scheduler = engine.accelerator.prepare(model, optimizer, scheduler)
-        self.critic = engine.accelerator.unwrap_model(self.model).critic
+        self.critic = engine.accelerator.unwrap_model(self.model).critic  # None without one
         self.stepper = Stepper(engine, self.model, optimizer, scheduler, recipe.optim.max_grad_norm, recipe.train.max_bad_steps)
         self.scheduler = scheduler
         self.buffer = RolloutBuffer()
@@ -177,6 +200,13 @@ class RLHFTrainer:
     @property
     def updates_reward_model(self) -> bool:
         return self.ppo.rm_update_steps > 0
+
+    @property
+    def on_policy(self) -> bool:
+        """One optimizer step per iteration and nothing needs the old log-probs before it: the policy that sampled is the
+        one being trained, so the old log-probs are the trained forward's own, detached (TRL's shortcut), one forward saved."""
+        ppo = self.ppo
+        return ppo.ppo_epochs == 1 and ppo.mini_batches == 1 and not (ppo.kl_coef > 0 and not ppo.kl_in_loss)
 
     # --- one iteration ------------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[dict]:
@@ -228,8 +258,13 @@ class RLHFTrainer:
 
         start = time.perf_counter()
         self.compute_experience(rollouts)
-        kl = assign_advantages(rollouts, scores, ppo.kl_coef, ppo.kl_estimator, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
+        kl_in_reward = 0.0 if ppo.kl_in_loss else ppo.kl_coef
+        if ppo.uses_critic:
+            kl = assign_advantages(rollouts, scores, kl_in_reward, ppo.kl_estimator, ppo.gamma, ppo.lam)
+        else:
+            kl = assign_group_advantages(rollouts, scores, ppo.advantage_estimator, ppo.samples_per_prompt, kl_in_reward, ppo.kl_estimator,
+                                         ppo.gamma, ppo.scale_rewards, self._batch_std)  # fmt: skip
+        if ppo.whiten_advantages or ppo.advantage_estimator == "reinforce_baseline":  # REINFORCE++: whitened over the global batch
             RolloutBuffer([r for r in rollouts if self._trained(r)]).normalize_advantages(engine.accelerator)
         timings["experience"] = time.perf_counter() - start
 
@@ -254,9 +289,11 @@ class RLHFTrainer:
         for start in range(0, len(rollouts), micro):
             part = rollouts[start : start + micro]
             batch = collate_rollouts(part, self.tokenizer.pad_token_id, row_tokens).to(engine.device)
-            logprobs, _ = actor_logprobs(model, batch)
-            reference, _ = actor_logprobs(self.reference, batch)
-            values = critic_values(model, batch, self.critic, role="critic")
+            width = int(sum(batch.lengths))
+            # what is not needed is not computed: placeholders keep the buffer's record shape (old = ref = 0: no KL)
+            logprobs = torch.zeros(width, device=engine.device) if self.on_policy else actor_logprobs(model, batch)[0]
+            reference = actor_logprobs(self.reference, batch)[0] if self.reference is not None else logprobs
+            values = critic_values(model, batch, self.critic, role="critic") if self.critic is not None else torch.zeros_like(logprobs)
             for name, flat in (("logprobs", logprobs), ("ref_logprobs", reference), ("values", values)):
                 for r, value in zip(part, batch.per_rollout(flat.float().cpu(), len(part)), strict=True):
                     setattr(r, name, value)
@@ -294,10 +331,15 @@ class RLHFTrainer:
                 parts = [chosen[g : g + micro] for g in range(0, len(chosen), micro)]
                 draws = [(self.state.optimizer_steps * len(parts) + g) * engine.world_size + engine.rank for g in range(len(parts))]
                 ptx_batches = [self._ptx_batch(d) for d in draws] if use_ptx else [None] * len(parts)
-                items = [(self.ppo_batch(part), ptx) for part, ptx in zip(parts, ptx_batches, strict=True)]  # host tensors
                 tokens = float(sum(len(r.response_ids) for r in chosen if self._trained(r)))
-                local = torch.tensor([tokens, float(sum(float(b.weights.sum()) for b in ptx_batches if b is not None))], device="cpu")
-                total_tokens, total_ptx = (acc.reduce(local.to(engine.device), "sum").cpu() if engine.world_size > 1 else local).tolist()
+                sequences = float(sum(self._trained(r) for r in chosen))
+                ptx_tokens = float(sum(float(b.weights.sum()) for b in ptx_batches if b is not None))
+                local = torch.tensor([tokens, ptx_tokens, sequences], device="cpu")
+                total_tokens, total_ptx, total_sequences = (acc.reduce(local.to(engine.device), "sum").cpu() if engine.world_size > 1 else local).tolist()
+                step_totals = {"tokens": total_tokens, "sequences": total_sequences, "micro_batches": float(len(parts) * engine.world_size)}
+                weights = token_loss_weights([[(len(r.response_ids), self._trained(r)) for r in part] for part in parts], ppo.loss_type,
+                                             step_totals, ppo.max_new_tokens)  # fmt: skip
+                items = [(self.ppo_batch(part, w), ptx) for part, w, ptx in zip(parts, weights, ptx_batches, strict=True)]  # host tensors
 
                 loss_fn = functools.partial(self.micro_loss, total_tokens=max(total_tokens, 1.0), total_ptx=max(total_ptx, 1.0), actor_on=actor_on)
                 result = self.stepper.step(items, loss_fn, tokens)
@@ -310,7 +352,7 @@ class RLHFTrainer:
                         seen[key] += values
         sums = {k: float(torch.stack(v).sum()) for k, v in seen.items() if k not in ("values", "returns")}
         tokens = max(sums.pop("tokens", 0.0), 1.0)
-        out = {k: sums[k] / tokens for k in ("policy_loss", "value_loss", "clip_fraction", "entropy") if k in sums}
+        out = {k: sums[k] / tokens for k in ("policy_loss", "value_loss", "clip_fraction", "entropy", "kl_loss") if k in sums}
         if "ptx_nll" in sums:
             out["ptx_loss"] = sums["ptx_nll"] / max(sums["ptx_tokens"], 1.0)
         out["grad_norm"] = sum(norms) / max(len(norms), 1)
@@ -320,12 +362,18 @@ class RLHFTrainer:
             out["explained_variance"] = explained_variance(v, r, torch.ones_like(v))
         return out
 
-    def ppo_batch(self, part: list) -> PPOBatch:
+    def ppo_batch(self, part: list, loss_weights: list[torch.Tensor]) -> PPOBatch:
         """A micro-batch's rollouts packed into rows with their per-token training targets, built on the host."""
         batch = collate_rollouts(part, self.tokenizer.pad_token_id, self._row_tokens())
         weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r)), device="cpu") for r in part])
-        fields = {name: batch.flat([getattr(r, name) for r in part]) for name in ("returns", "values", "logprobs", "advantages")}
-        return PPOBatch(batch, weight, **fields)
+        fields = {name: batch.flat([getattr(r, name) for r in part]) for name in ("returns", "values", "logprobs", "ref_logprobs", "advantages")}
+        return PPOBatch(batch, weight, loss_weight=batch.flat(loss_weights), **fields)
+
+    def _batch_std(self, scores: torch.Tensor) -> float:
+        """The (Bessel-corrected) std of `scores` over every rank: GRPO's `scale_rewards: batch`."""
+        local = torch.stack([scores.double().sum(), (scores.double() ** 2).sum(), torch.tensor(float(scores.numel()), dtype=torch.float64, device="cpu")])
+        total, squares, count = (self.engine.accelerator.reduce(local.to(self.engine.device), "sum").cpu() if self.engine.world_size > 1 else local).tolist()
+        return max((squares - total * total / count) / max(count - 1, 1.0), 0.0) ** 0.5
 
     def micro_loss(self, item: tuple[PPOBatch, Any], total_tokens: float, total_ptx: float, actor_on: bool) -> tuple[torch.Tensor, dict]:
         """This micro-batch's (PPO batch, PTX rows) share of the step loss, and its detached per-token statistics (no host sync)."""
@@ -333,17 +381,25 @@ class RLHFTrainer:
         ppo_batch, ptx_batch = item
         data = ppo_batch.to(self.engine.device)
         batch, weight = data.rows, data.weight
-        values = critic_values(self.model, batch, self.critic, role="critic")
-        value_sum = (value_loss_tokens(values, data.values, data.returns, ppo.value_clip) * weight).sum()
-        loss = value_sum / total_tokens
-        kept = weight > 0
-        stats = {"value_loss": value_sum.detach(), "tokens": weight.sum(), "values": values.detach()[kept], "returns": data.returns[kept]}
+        loss = torch.zeros((), device=weight.device)
+        stats = {"tokens": weight.sum()}
+        if self.critic is not None:
+            values = critic_values(self.model, batch, self.critic, role="critic")
+            value_sum = (value_loss_tokens(values, data.values, data.returns, ppo.value_clip) * weight).sum()
+            loss = loss + value_sum / total_tokens
+            kept = weight > 0
+            stats |= {"value_loss": value_sum.detach(), "values": values.detach()[kept], "returns": data.returns[kept]}
         if actor_on:
             logprobs, entropy = actor_logprobs(self.model, batch, with_entropy=True)
-            per_token, clipped = policy_loss_tokens(logprobs, data.logprobs, data.advantages, ppo.clip)
-            loss = loss + (per_token * weight).sum() / total_tokens
+            old = logprobs.detach() if self.on_policy else data.logprobs
+            per_token, clipped = policy_loss_tokens(logprobs, old, data.advantages, ppo.clip, ppo.clip_high)
             stats |= {"policy_loss": (per_token.detach() * weight).sum(), "clip_fraction": (clipped * weight).sum(),
                       "entropy": (entropy * weight).sum()}  # fmt: skip
+            if ppo.kl_in_loss and ppo.kl_coef > 0:  # GRPO: β·k3 KL per token, inside the normalisation as TRL adds it
+                kl = k3_kl(logprobs, data.ref_logprobs)
+                per_token = per_token + ppo.kl_coef * kl
+                stats["kl_loss"] = (kl.detach() * weight).sum()
+            loss = loss + (per_token * data.loss_weight).sum()
         if ptx_batch is not None:
             ptx_batch = ptx_batch.to(self.engine.device)
             logprobs, mask = target_logprobs(self.model, ptx_batch)
@@ -553,7 +609,8 @@ class RLHFTrainer:
             "world_size": engine.world_size,
             "deepspeed": engine.deepspeed,
             "model_path": str(paths["actor"].resolve()),
-            "critic_path": str(paths["critic"].resolve()),
+            "critic_path": str(paths["critic"].resolve()) if "critic" in paths else None,
+            "advantage_estimator": self.ppo.advantage_estimator,
             "data": {"prompts": len(self.prompts), "ptx_rows": len(self.ptx_rows), "eval_prompts": len(self.eval_problems)},
             "steps": self.state.optimizer_steps,
             "tokens": self.state.tokens,
