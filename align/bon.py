@@ -22,10 +22,12 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from align.config import ConfigError, EvalConfig, ModelConfig, RewardConfig, RunRecipe, load_recipe
 from align.model_paths import MAKE_RM, check_model_path
+
+MAKE_PRM = "`align prm --config configs/prm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`)"
 
 if TYPE_CHECKING:
     from align.rollout.generation import Generator
@@ -42,10 +44,13 @@ class BoNConfig:
     `routes` default to the reward model alone. A route that adds a task verifier (`task`, `math`, `refusal`)
     picks with the very ground truth the reported accuracy is measured by: best-of-N then climbs towards pass@N
     by construction, which says nothing about test-time scaling (use it only as a labelled oracle). The summary
-    lists any verifier a route uses. `reward_model: null` is allowed only with routes that do not use `rm`.
+    lists any verifier a route uses. `reward_model: null` is allowed only with routes that do not use `rm`; a route
+    with `prm` needs `process_reward_model` (its step scores, aggregated by `aggregation`, are the component).
     """
 
     reward_model: str | None = "runs/rm-quickstart/model"  # a conditional RM from `align rm`
+    process_reward_model: str | None = None  # a PRM from `align prm`, the `prm` route component
+    aggregation: Literal["mean", "min", "last"] = "mean"  # a response's PRM score from its step scores (VisualPRM: mean)
     routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rm_only_routes)  # condition (or default) → {rm | verifier: weight}
     n_values: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8])
     temperature: float = 1.0
@@ -150,9 +155,14 @@ def validate(recipe: BoNRecipe) -> None:
         raise ConfigError("bon.routes is empty; the default scores every condition by the reward model: {default: {rm: 1.0}}")
     if uses_rm and bon.reward_model is None:
         raise ConfigError("bon.routes use 'rm' but bon.reward_model is null; give a reward model or routes without 'rm'")
+    uses_prm = any("prm" in route for route in bon.routes.values())
+    if uses_prm and bon.process_reward_model is None:
+        raise ConfigError("bon.routes use 'prm' but bon.process_reward_model is null; give a process reward model from `align prm`")
     check_model_path(recipe.model.name_or_path)
     if uses_rm:
         check_model_path(bon.reward_model, "bon.reward_model", MAKE_RM)
+    if uses_prm:
+        check_model_path(bon.process_reward_model, "bon.process_reward_model", MAKE_PRM)
 
 
 class BestOfN:
@@ -187,11 +197,24 @@ class BestOfN:
                 info = RewardModelInfo.read(bon.reward_model)
                 info.check_conditions(conditions, bon.reward_model)
                 stats, token = info.stats, info.resolve_reward_token(recipe.reward.reward_token, bon.reward_model)
+            scorer = self.process_scorer() if any("prm" in route for route in bon.routes.values()) else None
         token_id = reward_token_id(rm_tokenizer, token)
-        self.router = RewardRouter(bon.routes, reward_model, rm_tokenizer, conditions, stats, reward_token_id=token_id, row_tokens=bon.row_tokens)
+        self.router = RewardRouter(bon.routes, reward_model, rm_tokenizer, conditions, stats, reward_token_id=token_id, row_tokens=bon.row_tokens,
+                                   process_scorer=scorer)  # fmt: skip
         self.problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts)
         if not self.problems:
             raise ValueError("no held-out prompts (eval.num_prompts / eval.prompts_path)")
+
+    def process_scorer(self) -> Any:
+        """The PRM critic: its own tokenizer (if it has one), the step separator and condition prompts it was trained with."""
+        from align.engine.models import load_reward_model, load_tokenizer
+        from rewards.prm import PRMInfo, ProcessRewardScorer
+
+        path, model = self.bon.process_reward_model, self.recipe.model
+        cfg = ModelConfig(name_or_path=path, trust_remote_code=model.trust_remote_code, attn_implementation=model.attn_implementation)
+        tokenizer = load_tokenizer(cfg) if (Path(path) / "tokenizer_config.json").exists() else self.tokenizer
+        prm = load_reward_model(cfg, tokenizer, self.engine.dtype).to(self.engine.device).eval().requires_grad_(False)
+        return ProcessRewardScorer(prm, tokenizer, PRMInfo.read(path), self.bon.aggregation, row_tokens=self.bon.row_tokens)
 
     def generator(self) -> Generator:
         from align.rollout.generation import HFGenerator
@@ -265,6 +288,8 @@ class BestOfN:
             "world_size": engine.world_size,
             "model_path": str(Path(recipe.model.name_or_path).resolve()) if Path(recipe.model.name_or_path).exists() else recipe.model.name_or_path,
             "reward_model": self.reward_model_path(),
+            "process_reward_model": self.process_reward_model_path(),
+            "aggregation": bon.aggregation if self.process_reward_model_path() else None,
         }
         if engine.is_main:
             self.write(groups, picks, summary)
@@ -275,6 +300,13 @@ class BestOfN:
         """The critic's path as scored with; None when no route uses the reward model."""
         path = self.bon.reward_model
         if path is None or not any("rm" in route for route in self.bon.routes.values()):
+            return None
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    def process_reward_model_path(self) -> str | None:
+        """The PRM critic's path; None when no route uses it."""
+        path = self.bon.process_reward_model
+        if path is None or not any("prm" in route for route in self.bon.routes.values()):
             return None
         return str(Path(path).resolve()) if Path(path).exists() else path
 
@@ -315,8 +347,10 @@ def cmd_bon(args: argparse.Namespace) -> int:
     summary = run_bon(load_recipe(BoNRecipe, args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0":
         m = summary["metrics"]
+        critics = [p for p in (summary["reward_model"], summary.get("process_reward_model")) if p]
+        aggregation = f", PRM steps aggregated by {summary['aggregation']}" if summary.get("aggregation") else ""
         print(f"[bon] best-of-N on {m['num_prompts']} held-out prompts, {summary['samples_per_prompt']} samples each; "
-              f"critic: {summary['reward_model']} (routes {json.dumps(summary['routes'])})")  # fmt: skip
+              f"critic: {' + '.join(critics) or 'verifiers only'} (routes {json.dumps(summary['routes'])}{aggregation})")  # fmt: skip
         if summary["verifiers_in_routes"]:
             print(f"[bon] warning: routes use the task verifier ({', '.join(summary['verifiers_in_routes'])}): the picks saw the ground truth")
         print(format_table(summary))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from align.config import ConfigError, MPORecipe, RLHFRecipe, RMRecipe, SFTRecipe, load_recipe
+from align.config import ConfigError, MPORecipe, PRMRecipe, RLHFRecipe, RMRecipe, SFTRecipe, load_recipe
 from align.model_paths import MAKE_RM, check_model_path, check_recipe_paths, check_tokenizer_path
 from data_builders.errors import UserError
 
@@ -26,6 +26,8 @@ def _train(recipe: Any, load_trainer: Callable[[], type]) -> int:
     check_recipe_paths(recipe)
     if isinstance(recipe, MPORecipe):
         check_mpo_losses(recipe)
+    if isinstance(recipe, PRMRecipe):
+        check_prm_loss(recipe)
     from align.runner import run_job
 
     summary = run_job(load_trainer(), recipe)
@@ -48,6 +50,17 @@ def check_mpo_losses(recipe: MPORecipe) -> None:
             raise ConfigError(f"mpo.losses.{name}: {err}") from None
 
 
+def check_prm_loss(recipe: PRMRecipe) -> None:
+    """`prm.loss` is a registered step loss, checked before any model or data loads."""
+    import rewards.losses  # noqa: F401 - registers the reward-model losses
+    from align.losses import get_loss
+
+    try:
+        get_loss(recipe.prm.loss, "step")
+    except KeyError as err:
+        raise ConfigError(f"prm.loss: {err}") from None
+
+
 def _sft_trainer() -> type:
     from align.trainers.sft import SFTTrainer
 
@@ -58,6 +71,12 @@ def _rm_trainer() -> type:
     from align.trainers.rm import RMTrainer
 
     return RMTrainer
+
+
+def _prm_trainer() -> type:
+    from align.trainers.prm import PRMTrainer
+
+    return PRMTrainer
 
 
 def _mpo_trainer() -> type:
@@ -72,6 +91,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     return _train(load_recipe(RMRecipe, args.config, args.overrides), _rm_trainer)
+
+
+def cmd_prm(args: argparse.Namespace) -> int:
+    return _train(load_recipe(PRMRecipe, args.config, args.overrides), _prm_trainer)
 
 
 def cmd_mpo(args: argparse.Namespace) -> int:
@@ -149,6 +172,10 @@ def _print_result(summary: dict) -> None:
         label = "pairwise accuracy" if summary["job"] == "rm" else "task accuracy"
         before = f" (before: {metrics['accuracy_before']:.1%})" if "accuracy_before" in metrics else ""
         print(f"[{summary['job']}] {label} {metrics['accuracy']:.1%} ({by}){before}")
+    if "step_accuracy" in metrics:
+        by = ", ".join(f"{c} {v:.1%} (F1 {metrics['step_f1_by_condition'][c]:.2f})" for c, v in metrics["step_accuracy_by_condition"].items())
+        print(f"[{summary['job']}] held-out step accuracy {metrics['step_accuracy']:.1%} ({by}); error-step F1 {metrics['step_f1']:.2f}; "
+              f"first-error-step accuracy {metrics['first_error_accuracy']:.1%} on {metrics['eval_responses']} responses")
     if "accuracy_by_tag" in metrics:
         counts = metrics.get("eval_pairs_by_tag", {})
         by = ", ".join(f"{k} {v:.1%} of {counts.get(k, '?')}" for k, v in metrics["accuracy_by_tag"].items())
@@ -173,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="conditional reward model on comparison pairs (ranking loss + log barrier)")
     _add_common(rm)
     rm.set_defaults(func=cmd_rm)
+    prm = sub.add_parser("prm", help="process reward model: a score per reasoning step, binary loss on step labels (VisualPRM)")
+    _add_common(prm)
+    prm.set_defaults(func=cmd_prm)
     mpo = sub.add_parser("mpo", help="mixed preference optimisation: DPO + BCO + NLL (InternVL2.5-MPO)")
     _add_common(mpo)
     mpo.set_defaults(func=cmd_mpo)

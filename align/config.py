@@ -274,6 +274,58 @@ class RMRecipe(RunRecipe):
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
 
 
+@dataclasses.dataclass
+class StepSamplesConfig(PolicySamplingConfig):
+    """The starting policy's own samples, split into steps and labelled (`align prm`); saved and read back on resume."""
+
+    # rule: the task checks each step (the synthetic suite's column sums); completion: Math-Shepherd (a step is good iff one
+    # of `completions` continuations of its prefix reaches the right final answer); auto: rule where the prompt allows it
+    labels: Literal["auto", "rule", "completion"] = "auto"
+    completions: int = bounded(4, ge=1)  # continuations sampled per step prefix (completion labels)
+    soft_labels: bool = False  # completion labels: the share of right continuations instead of any-right
+    eval_prompts: int = bounded(0, ge=0)  # held-out prompts sampled and labelled the same way, for the step metrics
+
+
+@dataclasses.dataclass
+class PRMConfig:
+    """Process reward model (VisualPRM, Math-Shepherd): a score per step at the token that closes it, binary loss on step labels."""
+
+    loss: str = "bce"  # a registered `step` loss (rewards/losses.py)
+    step_separator: str = r"\n"  # regex between the steps of a response (synthetic worked solutions: ", |\. ")
+    step_join: str = "\n"  # placed between the `steps` of a data-file row
+    threshold: float = bounded(0.5, gt=0.0, lt=1.0)  # a step is predicted good when P(good) >= threshold (held-out metrics)
+    conditions: dict[str, str] = dataclasses.field(default_factory=_default_conditions)  # condition prompts, as the RM's
+    samples: StepSamplesConfig = dataclasses.field(default_factory=StepSamplesConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        import re
+
+        try:
+            pattern = re.compile(self.step_separator)
+        except re.error as err:
+            return [("step_separator", f"{self.step_separator!r} is not a valid regular expression: {err}")]
+        if pattern.match(""):
+            return [("step_separator", f"{self.step_separator!r} matches the empty string, so it separates nothing")]
+        return []
+
+
+@dataclasses.dataclass
+class PRMRecipe(RunRecipe):
+    output_dir: str = "runs/prm"
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(train=[]))  # step-label files (JSONL, Parquet, HF)
+    prm: PRMConfig = dataclasses.field(default_factory=PRMConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        for split in ("train", "eval"):
+            if any(s.path == "synthetic" for s in getattr(self.data, split)):
+                return [(f"data.{split}", "'synthetic' (data.train's default once a data section is given) has no step labels; give "
+                         f"step-labelled files, or data.{split}: [] with prm.samples.enabled: true (the policy's own labelled samples)")]
+        if not self.data.train and not self.prm.samples.enabled:
+            return [("data.train", "is empty and prm.samples is off: give step-labelled files or set prm.samples.enabled: true")]
+        return []
+
+
 def _mpo_losses() -> dict[str, float]:
     return {"sigmoid": 0.8, "bco_pair": 0.2, "sft": 1.0}
 
@@ -426,7 +478,7 @@ class RLHFRecipe(RunRecipe):
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "mpo": MPORecipe, "rlhf": RLHFRecipe}  # command → recipe type
+RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "prm": PRMRecipe, "mpo": MPORecipe, "rlhf": RLHFRecipe}  # command → recipe type
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 
 CONDITIONS = ("math", "concise", "harmless")
@@ -75,15 +76,55 @@ class Problem:
 
 def worked_solution(a: int, b: int) -> str:
     """Column-wise addition from the units digit up, then the total: '47+85: 7+5=12, 4+8+1=13. Final Answer: 132'."""
-    da, db = str(a)[::-1], str(b)[::-1]
-    carry, steps = 0, []
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        total = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
-        carry = total // 10
+    steps = [f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}" for x, y, carry, total in columns(a, b)]
     return f"{a}+{b}: {', '.join(steps)}. Final Answer: {a + b}"
+
+
+COLUMN_STEP = re.compile(r"(?:(\d+)\+(\d+):\s*)?(\d)\+(\d)(?:\+(\d))?=(\d+)")
+FINAL_STEP = re.compile(r"Final Answer:\s*(-?\d+)\.?")
+PROMPT_OPERANDS = re.compile(r"What is (\d+)\+(\d+)\?")
+
+
+def columns(a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """(digit of a, digit of b, carry in, column total) per column, units first: what `worked_solution` writes."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    out, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = (int(d[i]) if i < len(d) else 0 for d in (da, db))
+        out.append((x, y, carry, x + y + carry))
+        carry = (x + y + carry) // 10
+    return out
+
+
+def column_step_labels(a: int, b: int, steps: list[str]) -> list[int]:
+    """1 for a correct step of a worked solution of a+b, else 0, by rule (no model, no sampling).
+
+    A column step is correct iff it is the next column, adds that column's digits with the right carry and states
+    their sum ("4+8+1=13"; "+0" may be written or left out); the first one must restate the problem ("47+85: 7+5=12").
+    "Final Answer: N" is correct iff N = a + b. Anything else (an extra column, prose) is wrong.
+    """
+    truth, labels = columns(a, b), []
+    for k, step in enumerate(s.strip() for s in steps):
+        final = FINAL_STEP.fullmatch(step)
+        if final:
+            labels.append(int(int(final.group(1)) == a + b))
+            continue
+        col = COLUMN_STEP.fullmatch(step)
+        if col is None or k >= len(truth):
+            labels.append(0)
+            continue
+        restated = (int(col.group(1)), int(col.group(2))) if col.group(1) else None
+        x, y, carry, total = int(col.group(3)), int(col.group(4)), int(col.group(5) or 0), int(col.group(6))
+        ok = (x, y, carry, total) == truth[k] and restated == ((a, b) if k == 0 else None)
+        labels.append(int(ok))
+    return labels
+
+
+def operands_of(messages: list[dict]) -> tuple[int, int] | None:
+    """The operands of a synthetic prompt ("What is 47+85? ..."), or None for any other prompt."""
+    user = [m["content"] for m in messages if m.get("role") == "user"]
+    match = PROMPT_OPERANDS.search(user[-1]) if user else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def concise_solution(a: int, b: int) -> str:

@@ -5,7 +5,8 @@ without touching a trainer. Each family has one call signature, so a recipe that
 of another family (an RM ranking loss in `mpo.losses`, say) fails in the recipe check, not mid-run:
 - `preference` (MPO): fn(PreferenceInputs) -> (per-pair or per-chosen-token values, unit);
 - `ranking` (reward models): fn(chosen, rejected, margin=None, gamma=...) -> per-pair losses;
-- `sft`: fn(logprobs, weights, total_weight) -> scalar.
+- `sft`: fn(logprobs, weights, total_weight) -> scalar;
+- `step` (process reward models): fn(logits, labels) -> per-step losses (labels in [0, 1]).
 It lives in `rewards/`, the lowest package that holds losses, so `rewards/` never imports `align/`.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 from data_builders.errors import UserKeyError
 
-LOSS_FAMILIES = ("preference", "ranking", "sft")
+LOSS_FAMILIES = ("preference", "ranking", "sft", "step")
 LOSSES: dict[str, tuple[str, Callable]] = {}  # name → (family, fn)
 
 

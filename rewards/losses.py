@@ -1,4 +1,4 @@
-"""Reward-model losses, registered by name so a recipe picks one.
+"""Reward-model losses (ranking, and the process reward model's per-step BCE), registered by name so a recipe picks one.
 
 Each ranking loss maps per-pair chosen/rejected scores to per-pair losses; the trainer averages
 over the pairs of the whole optimizer step. The log barrier keeps scores inside (−bound, bound)
@@ -57,3 +57,9 @@ def pair_losses(
     if barrier_weight:
         loss = loss + barrier_weight * 0.5 * (log_barrier(chosen, bound) + log_barrier(rejected, bound))
     return loss
+
+
+@register_loss("bce", "step")
+def step_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Process reward models: −[y·log σ(z) + (1 − y)·log(1 − σ(z))] per step, in fp32 (soft labels y in [0, 1] allowed)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")

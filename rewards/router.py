@@ -1,7 +1,8 @@
 """The single scoring entry point: each sample is scored by what its condition maps to.
 
 A route is a weighted mix of components: `rm` (the conditional reward model, with that condition's
-prompt, optionally normalised by the per-condition stats stored beside the model) and rule-based
+prompt, optionally normalised by the per-condition stats stored beside the model), `prm` (a process reward
+model's step probabilities aggregated per response by mean / min / last, `rewards/prm.py`) and rule-based
 verifiers (`rewards/verifiers.py`). RLHF rewards and preference-pair building both call
 `RewardRouter.score`, so they agree on what "better" means.
 """
@@ -20,6 +21,7 @@ from data_builders.errors import UserError, UserKeyError
 from data_builders.packing import pack_best_fit
 from rewards.conditions import render_for_reward
 from rewards.model import pack_documents, packed_scores
+from rewards.prm import ProcessRewardScorer
 from rewards.verifiers import is_refusal, length_penalty, math_correct, regex_format, task_score
 
 Sample = dict[str, Any]  # {"condition", "prompt": messages, "response", "answer"?, "unsafe"?}
@@ -52,13 +54,17 @@ class RewardRouter:
         verifier_args: dict[str, dict[str, Any]] | None = None,
         row_tokens: int = 2048,
         autocast_dtype: torch.dtype | None = None,
+        process_scorer: ProcessRewardScorer | None = None,
     ):
         for condition, route in routes.items():
-            unknown = set(route) - set(VERIFIERS) - {"rm"}
+            unknown = set(route) - set(VERIFIERS) - {"rm", "prm"}
             if unknown:
-                raise UserError(f"route {condition!r}: unknown components {sorted(unknown)}; choose from rm, {', '.join(VERIFIERS)}")
+                raise UserError(f"route {condition!r}: unknown components {sorted(unknown)}; choose from rm, prm, {', '.join(VERIFIERS)}")
             if "rm" in route and reward_model is None:
                 raise UserError(f"route {condition!r} uses 'rm' but no reward model was given")
+            if "prm" in route and process_scorer is None:
+                raise UserError(f"route {condition!r} uses 'prm' but no process reward model was given")
+        self.process_scorer = process_scorer
         self.routes, self.model, self.tokenizer = routes, reward_model, tokenizer
         self.conditions, self.stats = conditions or {}, stats or {}
         self.reward_token_id, self.verifier_args, self.row_tokens = reward_token_id, verifier_args or {}, row_tokens
@@ -106,8 +112,11 @@ class RewardRouter:
         rm_idx = [i for i, r in enumerate(routes) if "rm" in r]
         if rm_idx:
             components["rm"][rm_idx] = self.rm_scores([samples[i] for i in rm_idx])
+        prm_idx = [i for i, r in enumerate(routes) if "prm" in r]
+        if prm_idx:
+            components["prm"][prm_idx] = self.process_scorer.scores([samples[i] for i in prm_idx])
         for name in names:
-            if name == "rm":
+            if name in ("rm", "prm"):
                 continue
             fn, kwargs = VERIFIERS[name], self.verifier_args.get(name, {})
             for i, route in enumerate(routes):
