@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -118,6 +119,13 @@ def cmd_mpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kl_text(metrics: dict) -> str:
+    """The summed KL per response when the run measured it, else the update's per-token k3 KL (GRPO's loss term)."""
+    if math.isfinite(metrics.get("kl", float("nan"))):
+        return f"; KL {metrics['kl']:.3f}"
+    return f"; KL per token (k3) {metrics['kl_loss']:.4f}" if "kl_loss" in metrics else ""
+
+
 def cmd_rlhf(args: argparse.Namespace) -> int:
     recipe = load_recipe(RLHFRecipe, args.config, args.overrides)
     check_recipe_paths(recipe)
@@ -131,7 +139,7 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
         if "reward_before" in m:
             by = ", ".join(f"{c} {m['accuracy_by_condition_before'][c]:.0%}→{v:.0%}" for c, v in m["accuracy_by_condition"].items())
             print(f"[rlhf] held-out reward {m['reward_before']:.3f} → {m['reward_after']:.3f}; task accuracy "
-                  f"{m['accuracy_before']:.1%} → {m['accuracy_after']:.1%} ({by}); KL {m['kl']:.3f}")  # fmt: skip
+                  f"{m['accuracy_before']:.1%} → {m['accuracy_after']:.1%} ({by}){_kl_text(m)}")  # fmt: skip
         split = ", ".join(f"{k} {v:.0f} s" for k, v in summary["time_split_s"].items())
         print(f"[rlhf] {summary['iterations']} iterations, {summary['optimizer_steps']} optimizer steps, {summary['wall_s']:.0f} s ({split}); "
               f"model: {summary['model_path']}")  # fmt: skip

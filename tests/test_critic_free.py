@@ -171,3 +171,44 @@ def test_critic_free_settings_are_checked_in_the_recipe():
         load(**{"ppo.advantage_estimator": "grpo", "ppo.samples_per_prompt": 4, "ppo.reward_model": "null"})
     with pytest.raises(ConfigError, match="ppo.reward_model: is null but the gae critic starts from it"):
         load(**{"ppo.reward_model": "null", "ppo.routes": "{default: {task: 1.0}}"})
+
+
+def test_a_crashed_grpo_run_resumes_to_the_same_weights_metrics_and_buffer(tmp_path, sft_checkpoint, tiny_rm, monkeypatch):
+    """Checkpoints of a critic-free run (no critic, no reference, placeholders in the buffer) resume exactly."""
+    import json
+
+    import align.trainers.rlhf as rlhf
+    from align.config import RLHFRecipe, load_recipe
+    from tests.test_rlhf import QUICKSTART, rlhf_overrides
+
+    extra = {"ppo.advantage_estimator": "grpo", "ppo.ptx_coef": 0, "ppo.rm_update_steps": 0, "ppo.mini_batches": 1, "ppo.ppo_epochs": 1,
+             "ppo.routes": "{default: {rm: 1.0}}", "ppo.kl_coef": 0.02, "ppo.critic_warmup_iterations": 0, "ppo.rounds": 1,
+             "ppo.iterations_per_round": 3, "train.save_every": 1, "eval.enabled": False, "ppo.scale_rewards": "batch"}  # fmt: skip
+
+    def recipe(out):
+        return load_recipe(RLHFRecipe, QUICKSTART, rlhf_overrides(out, sft_checkpoint, tiny_rm, **extra)[1::2])
+
+    full = rlhf.RLHFTrainer(recipe(tmp_path / "full")).run()
+    real, calls = rlhf.RLHFTrainer.run_iteration, {"n": 0}
+
+    def crash_at_the_third(self, iteration):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint of iteration 2
+        return real(self, iteration)
+
+    monkeypatch.setattr(rlhf.RLHFTrainer, "run_iteration", crash_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        rlhf.RLHFTrainer(recipe(tmp_path / "crashed")).run()
+    monkeypatch.setattr(rlhf.RLHFTrainer, "run_iteration", real)
+    resumed = rlhf.RLHFTrainer(recipe(tmp_path / "crashed")).run()
+    assert full["critic_path"] is None and not (tmp_path / "full" / "critic").exists()
+    assert json.dumps(full["metrics"]) == json.dumps(resumed["metrics"]) and full["optimizer_steps"] == resumed["optimizer_steps"] == 3
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("full", "crashed"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "rollouts-rank0.json").read_text() == (tmp_path / "crashed" / "rollouts-rank0.json").read_text()
+    ma = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    mb = {r["step"]: r for r in map(json.loads, (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines())}
+    assert all(rec["policy_loss"] == mb[rec["step"]]["policy_loss"] and rec["kl_loss"] == mb[rec["step"]]["kl_loss"] for rec in ma)

@@ -264,6 +264,8 @@ class RLHFTrainer:
         else:
             kl = assign_group_advantages(rollouts, scores, ppo.advantage_estimator, ppo.samples_per_prompt, kl_in_reward, ppo.kl_estimator,
                                          ppo.gamma, ppo.scale_rewards, self._batch_std)  # fmt: skip
+        if self.on_policy:  # the old log-probs were not computed: the per-token k3 KL of the update is `kl_loss`
+            kl = torch.full_like(kl, float("nan"))
         if ppo.whiten_advantages or ppo.advantage_estimator == "reinforce_baseline":  # REINFORCE++: whitened over the global batch
             RolloutBuffer([r for r in rollouts if self._trained(r)]).normalize_advantages(engine.accelerator)
         timings["experience"] = time.perf_counter() - start
@@ -292,7 +294,7 @@ class RLHFTrainer:
             width = int(sum(batch.lengths))
             # what is not needed is not computed: placeholders keep the buffer's record shape (old = ref = 0: no KL)
             logprobs = torch.zeros(width, device=engine.device) if self.on_policy else actor_logprobs(model, batch)[0]
-            reference = actor_logprobs(self.reference, batch)[0] if self.reference is not None else logprobs
+            reference = actor_logprobs(self.reference, batch)[0] if self.reference is not None else logprobs.clone()
             values = critic_values(model, batch, self.critic, role="critic") if self.critic is not None else torch.zeros_like(logprobs)
             for name, flat in (("logprobs", logprobs), ("ref_logprobs", reference), ("values", values)):
                 for r, value in zip(part, batch.per_rollout(flat.float().cpu(), len(part)), strict=True):
@@ -585,7 +587,8 @@ class RLHFTrainer:
             RewardModelInfo(self.conditions, self.router.stats, self.reward_token).write(engine.run_dir / "reward_model")
         self.buffer.save(engine.run_dir, f"rollouts-rank{engine.rank}")
         last = self.state.last
-        metrics: dict[str, Any] = {"kl": last.get("kl", float("nan")), "train_reward_last": last.get("reward"),
+        metrics: dict[str, Any] = {"kl": last.get("kl", float("nan")), **({"kl_loss": last["kl_loss"]} if "kl_loss" in last else {}),
+                                   "train_reward_last": last.get("reward"),
                                    "train_verifier_accuracy_last": last.get("verifier_accuracy")}  # fmt: skip
         samples = None
         if recipe.eval.enabled:
