@@ -200,8 +200,9 @@ def test_a_crashed_grpo_run_resumes_to_the_same_weights_metrics_and_buffer(tmp_p
     monkeypatch.setattr(rlhf.RLHFTrainer, "run_iteration", crash_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         rlhf.RLHFTrainer(recipe(tmp_path / "crashed")).run()
-    monkeypatch.setattr(rlhf.RLHFTrainer, "run_iteration", real)
+    calls["n"] = -100  # no more crashes; count what the resumed run does
     resumed = rlhf.RLHFTrainer(recipe(tmp_path / "crashed")).run()
+    assert calls["n"] == -99  # it resumed after iteration 2: one iteration left to run
     assert full["critic_path"] is None and not (tmp_path / "full" / "critic").exists()
     assert json.dumps(full["metrics"]) == json.dumps(resumed["metrics"]) and full["optimizer_steps"] == resumed["optimizer_steps"] == 3
     from safetensors.torch import load_file

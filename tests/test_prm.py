@@ -225,19 +225,19 @@ def test_prm_recipe_errors_are_one_line(tmp_path):
     assert "prm.loss" in proc.stderr and "not a step loss" in proc.stderr
 
 
-def test_align_prm_trains_on_labelled_samples_and_files_and_resumes_its_rows(tmp_path, sft_checkpoint):
+def test_align_prm_trains_on_labelled_samples_and_files_and_resumes_its_rows(tmp_path, sft_checkpoint, capsys):
+    from align.cli import main
+
     files = write_jsonl([{"prompt": "What is 2+2?", "steps": ["2+2: 2+2=4", "Final Answer: 4"], "labels": [1, 1], "condition": "math"},
                          {"prompt": "What is 2+3?", "steps": ["2+3: 2+3=6", "Final Answer: 6"], "labels": [0, 0], "condition": "math"}],
                         tmp_path / "steps.jsonl")  # fmt: skip
     out = tmp_path / "prm"
-    args = [*ALIGN, "prm", "--config", str(ROOT / "configs" / "prm" / "quickstart.yaml"), "--set", f"output_dir={out}",
-            "--set", f"model.name_or_path={sft_checkpoint}", "--set", f"data.train=[{{path: {files}}}]", "--set", f"data.eval=[{{path: {files}}}]",
-            "--set", "prm.samples.num_prompts=4", "--set", "prm.samples.samples_per_prompt=2", "--set", "prm.samples.eval_prompts=3",
-            "--set", "prm.samples.max_new_tokens=6", "--set", "train.max_steps=2", "--set", "train.micro_batch_size=2",
-            "--set", "train.global_batch_size=2", "--set", "logging.progress=false"]  # fmt: skip
-    proc = subprocess.run(args, capture_output=True, text=True, env=run_env(tmp_path), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out step accuracy" in proc.stdout
+    sets = {"output_dir": out, "model.name_or_path": sft_checkpoint, "data.train": f"[{{path: {files}}}]", "data.eval": f"[{{path: {files}}}]",
+            "prm.samples.num_prompts": 4, "prm.samples.samples_per_prompt": 2, "prm.samples.eval_prompts": 3, "prm.samples.max_new_tokens": 6,
+            "train.max_steps": 2, "train.micro_batch_size": 2, "train.global_batch_size": 2, "logging.progress": False}  # fmt: skip
+    args = ["prm", "--config", str(ROOT / "configs" / "prm" / "quickstart.yaml"), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+    assert main(args) == 0
+    assert "held-out step accuracy" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
     assert set(m["step_accuracy_by_condition"]) <= {"math", "concise", "harmless"} and "math" in m["step_accuracy_by_condition"]
@@ -248,7 +248,6 @@ def test_align_prm_trains_on_labelled_samples_and_files_and_resumes_its_rows(tmp
     assert (out / "rollouts-train-rank0.json").exists() and (out / "rollouts-eval-rank0.json").exists()
     # a restart of the same recipe after a crash: the rows are read back, not sampled again
     (out / "summary.json").unlink()
-    again = subprocess.run(args, capture_output=True, text=True, env=run_env(tmp_path), cwd=ROOT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "not sampling again" in again.stdout + again.stderr
+    assert main(args) == 0
+    assert "not sampling again" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["data"]["train_responses"] == summary["data"]["train_responses"]
