@@ -225,13 +225,21 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path, sft_checkpoint
     assert (full / "rollouts-rank0.json").read_text() == (killed / "rollouts-rank0.json").read_text()
 
 
-def test_zero3_two_ranks_with_different_response_lengths(tmp_path, stopping_policy, tiny_rm):
+# grpo: no critic, the batch std over both ranks, the reference's k3 KL in the loss, old log-probs computed (2 mini-batches)
+CRITIC_FREE = {"ppo.advantage_estimator": "grpo", "ppo.critic_warmup_iterations": 0, "ppo.scale_rewards": "batch", "ppo.kl_penalty": "loss",
+               "ppo.rm_update_steps": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_zero3_two_ranks_with_different_response_lengths(tmp_path, stopping_policy, tiny_rm, estimator):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
                 str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--main_process_port", "0", "-m", "align"]  # fmt: skip
     out = tmp_path / "zero3"
-    align_rlhf(tmp_path, rlhf_overrides(out, stopping_policy, tiny_rm, **{"ppo.max_new_tokens": 16, "ppo.rounds": 1}), launcher)
+    extra = {"ppo.max_new_tokens": 16, "ppo.rounds": 1} | (CRITIC_FREE if estimator == "grpo" else {})
+    align_rlhf(tmp_path, rlhf_overrides(out, stopping_policy, tiny_rm, **extra), launcher)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["deepspeed"] is True and summary["iterations"] == 2
+    assert (summary["critic_path"] is None) == (estimator == "grpo") and (out / "critic").exists() == (estimator == "gae")
     lengths = [[len(r["response_ids"]) for r in json.loads((out / f"rollouts-rank{k}.json").read_text())] for k in (0, 1)]
     assert len(lengths[0]) == len(lengths[1]) == 8  # 2 iterations × 2 prompts × 2 samples on each rank
     assert sorted(lengths[0]) != sorted(lengths[1]) and min(min(lengths)) < 16  # ranks stopped at different lengths
