@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, MPORecipe, PRMRecipe, RLHFRecipe, RMRecipe, SFTRecipe, load_recipe
-from align.model_paths import MAKE_RM, check_model_path, check_recipe_paths, check_tokenizer_path
+from align.model_paths import MAKE_PRM, MAKE_RM, check_model_path, check_recipe_paths, check_tokenizer_path
 from data_builders.errors import UserError
 
 
@@ -131,6 +131,8 @@ def cmd_rlhf(args: argparse.Namespace) -> int:
     check_recipe_paths(recipe)
     if recipe.ppo.uses_reward_model:
         check_model_path(recipe.ppo.reward_model, "ppo.reward_model", MAKE_RM)
+    if recipe.ppo.process_reward_model is not None:
+        check_model_path(recipe.ppo.process_reward_model, "ppo.process_reward_model", MAKE_PRM)
     from align.trainers.rlhf import run_rlhf
 
     summary = run_rlhf(recipe)

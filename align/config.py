@@ -400,7 +400,12 @@ class PPOConfig:
     # the prompt's other samples (align/losses/advantages.py)
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_baseline"] = "gae"
     reward_model: str | None = "runs/rm-quickstart/model"  # a conditional RM from `align rm`; the critic's start (gae); null: verifier routes only
-    routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rlhf_routes)  # condition → {rm | verifier: weight}
+    routes: dict[str, dict[str, float]] = dataclasses.field(default_factory=_rlhf_routes)  # condition → {rm | prm | verifier: weight}
+    process_reward_model: str | None = None  # a PRM from `align prm`: the routes' `prm` component
+    prm_aggregation: Literal["mean", "min", "last"] = "mean"  # a response's PRM score from its step scores (the outcome-level use)
+    # steps: with gae or reinforce_baseline, each step's score (× the route's prm weight) is a reward on the token that closes
+    # the step (dense, into the returns) instead of one aggregated score; outcome: the aggregate joins the sequence score
+    prm_rewards: Literal["steps", "outcome"] = "steps"
     prompts_path: str | None = None  # JSONL rows {messages, condition, answer, unsafe}; default: the synthetic train prompts
     num_prompts: int = bounded(2000, ge=1)  # prompt pool, cycled in a seeded order
     rounds: int = bounded(1, ge=1)
@@ -453,6 +458,12 @@ class PPOConfig:
         return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.advantage_estimator == "grpo")
 
     @property
+    def dense_process_rewards(self) -> bool:
+        """Step scores as token rewards: only estimators that sum rewards per token (GAE, REINFORCE++'s returns) can use them."""
+        uses_prm = any("prm" in route for route in self.routes.values())
+        return uses_prm and self.prm_rewards == "steps" and self.advantage_estimator in ("gae", "reinforce_baseline")
+
+    @property
     def uses_reward_model(self) -> bool:
         return self.uses_critic or self.rm_update_steps > 0 or any("rm" in route for route in self.routes.values())
 
@@ -461,6 +472,8 @@ class PPOConfig:
         if self.reward_model is None and self.uses_reward_model:
             why = "the gae critic starts from it" if self.uses_critic else ("the fast path updates it" if self.rm_update_steps else "ppo.routes use 'rm'")
             out.append(("reward_model", f"is null but {why}; give a reward model, or a critic-free estimator with verifier-only routes"))
+        if self.process_reward_model is None and any("prm" in route for route in self.routes.values()):
+            out.append(("process_reward_model", "is null but ppo.routes use 'prm'; give a process reward model from `align prm`"))
         if not self.uses_critic and self.samples_per_prompt < 2:
             out.append(("samples_per_prompt", f"must be >= 2 for {self.advantage_estimator}: its baseline is the prompt's other samples, "
                         f"got {self.samples_per_prompt}"))  # fmt: skip

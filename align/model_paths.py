@@ -13,6 +13,7 @@ from data_builders.readers import check_data_path
 
 MAKE_SFT = "`align sft --config configs/sft/quickstart.yaml`"
 MAKE_RM = "`align rm --config configs/rm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`)"
+MAKE_PRM = "`align prm --config configs/prm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`)"
 # any one of these makes a directory loadable by AutoTokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 

@@ -85,8 +85,9 @@ def pad_tokens(values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 def assign_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, kl_coef: float, estimator: str, gamma: float,
-                      lam: float) -> torch.Tensor:  # fmt: skip
-    """Token rewards (score at the last token − kl_coef·KL per token), GAE advantages and returns, written onto each rollout.
+                      lam: float, dense: Sequence[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """Token rewards (score at the last token − kl_coef·KL per token, plus `dense` per-token rewards such as a PRM's step
+    scores), GAE advantages and returns, written onto each rollout.
 
     Returns each rollout's summed KL estimate.
     """
@@ -94,28 +95,39 @@ def assign_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, kl_coef
     ref, _ = pad_tokens([r.ref_logprobs for r in rollouts])
     values, _ = pad_tokens([r.values for r in rollouts])
     kl = kl_estimate(logprobs, ref, estimator) * mask
-    advantages, returns = gae(token_rewards(scores, kl, mask, kl_coef), values, mask, gamma, lam)
+    advantages, returns = gae(with_dense(token_rewards(scores, kl, mask, kl_coef), dense), values, mask, gamma, lam)
     for i, r in enumerate(rollouts):
         n = len(r.response_ids)
         r.advantages, r.returns = advantages[i, :n].clone(), returns[i, :n].clone()
     return kl.sum(-1)
 
 
+def with_dense(rewards: torch.Tensor, dense: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """(batch, tokens) token rewards plus one 1-D per-token reward tensor per rollout (None: unchanged)."""
+    if dense is None:
+        return rewards
+    extra, _ = pad_tokens(dense)
+    return rewards + extra[:, : rewards.shape[1]]
+
+
 def assign_group_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, estimator: str, group_size: int, kl_coef: float,
                             kl_estimator: str, gamma: float = 1.0, scale: str = "group",
-                            batch_std: Callable[[torch.Tensor], float] | None = None) -> torch.Tensor:  # fmt: skip
+                            batch_std: Callable[[torch.Tensor], float] | None = None,
+                            dense: Sequence[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """Critic-free advantages (see `align.losses.advantages`) written onto each rollout; `kl_coef` is the KL in the reward
     (0 when the KL is a loss term). The rollouts are in group order; `batch_std` gives the std of scores over every rank
     (grpo's `scale="batch"`). Returns each rollout's summed KL estimate.
 
     grpo / rloo: the sequence's KL-penalised score against its group's baseline, the same advantage on every token;
-    reinforce_baseline: r − group mean at the last token, −kl_coef·KL per token, returns to go (whitened by the caller).
+    reinforce_baseline: r − group mean at the last token, −kl_coef·KL per token (+ `dense` rewards), returns to go
+    (whitened by the caller).
     """
     logprobs, mask = pad_tokens([r.logprobs for r in rollouts])
     ref, _ = pad_tokens([r.ref_logprobs for r in rollouts])
     kl = kl_estimate(logprobs, ref, kl_estimator) * mask
     if estimator == "reinforce_baseline":
-        advantages = returns_to_go(token_rewards(group_centred(scores.float(), group_size), kl, mask, kl_coef), mask, gamma)
+        rewards = with_dense(token_rewards(group_centred(scores.float(), group_size), kl, mask, kl_coef), dense)
+        advantages = returns_to_go(rewards, mask, gamma)
     else:
         penalised = scores.float() - kl_coef * kl.sum(-1)
         if estimator == "grpo":
