@@ -213,3 +213,33 @@ def test_a_crashed_grpo_run_resumes_to_the_same_weights_metrics_and_buffer(tmp_p
     ma = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     mb = {r["step"]: r for r in map(json.loads, (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines())}
     assert all(rec["policy_loss"] == mb[rec["step"]]["policy_loss"] and rec["kl_loss"] == mb[rec["step"]]["kl_loss"] for rec in ma)
+
+
+def test_rloo_runs_rounds_with_the_fast_path_updating_the_reward_model(tmp_path, sft_checkpoint, tiny_rm):
+    """Critic-free, the rounds still end in COOL RLHF's fast and slow paths: detectors, comparisons, a reward-model update."""
+    import json
+
+    import align.trainers.rlhf as rlhf
+    from align.config import RLHFRecipe, load_recipe
+    from tests.test_rlhf import QUICKSTART, rlhf_overrides
+
+    folder = tmp_path / "comparisons"  # the slow path: one externally labelled pair, so the update always has data
+    folder.mkdir()
+    row = {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": "Final Answer: 4", "rejected": "Final Answer: 5", "condition": "math"}
+    (folder / "labels.jsonl").write_text(json.dumps(row))
+    extra = {"ppo.advantage_estimator": "rloo", "ppo.critic_warmup_iterations": 0, "ppo.rounds": 2, "ppo.iterations_per_round": 1,
+             "ppo.rm_update_steps": 2, "eval.enabled": False, "ppo.routes": "{default: {rm: 1.0, task: 1.0}}",
+             "ppo.comparisons_dir": str(folder)}  # fmt: skip
+    trainer = rlhf.RLHFTrainer(load_recipe(RLHFRecipe, QUICKSTART, rlhf_overrides(tmp_path / "run", sft_checkpoint, tiny_rm, **extra)[1::2]))
+    before = {k: v.clone() for k, v in load_reward(tiny_rm).items()}
+    summary = trainer.run()
+    report = summary["rounds"][0]
+    assert summary["critic_path"] is None and len(summary["rounds"]) == 1 and report["slow_path_pairs"] == 1 and "rm_update" in report
+    after = load_reward(tmp_path / "run" / "reward_model")  # the updated replica is exported beside the policy
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def load_reward(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
