@@ -9,10 +9,12 @@ from data_builders.errors import UserError
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 PREFIX = "builtin:"
 
-# Llama-style shapes sized for 2 CPU cores; `medium` (~0.5B) is for GPU benchmarks only.
+# Llama-style shapes sized for 2 CPU cores; `medium` (~0.4B) is for GPU benchmarks only.
 CONFIGS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    # ~34M: where matrix multiplies dominate a CPU step (benchmarks at a realistic shape; a few steps in a minute or two)
+    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
     "medium": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),
 }
 

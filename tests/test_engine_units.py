@@ -1,6 +1,7 @@
 """Batch-shape validation, the learning-rate schedule and the step plan's sharding."""
 
 import pytest
+import torch
 
 from align.engine.accelerator import BatchShape, fill_deepspeed_config, resolve_batch_shape
 from align.engine.optim import lr_multiplier
@@ -62,3 +63,15 @@ def test_eval_batches_are_equal_in_count_on_every_rank():
         assert len({len(s) for s in shards}) == 1
         real = sorted(i for s in shards for ids, ok in s if ok for i in ids)
         assert real == list(range(rows))  # every row once, fillers excluded
+
+
+@pytest.mark.parametrize(("name", "millions"), [("builtin:tiny", 0.2), ("builtin:small", 1.1), ("builtin:base", 33.8), ("builtin:medium", 403.2)])
+def test_builtin_shapes_have_their_documented_sizes(name, millions):
+    """Benchmarks quote these sizes (`builtin:base` is the ~34M shape where matrix multiplies dominate a CPU step)."""
+    from align.config import ModelConfig
+    from align.engine.models import load_causal_lm, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=name)
+    with torch.device("meta"):  # shapes only
+        model = load_causal_lm(cfg, load_tokenizer(cfg), torch.float32)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
