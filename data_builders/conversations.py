@@ -1,8 +1,12 @@
 """Normalises chat rows (OpenAI `messages` or ShareGPT `conversations`) into one checked form.
 
 The normal form is `Conversation(messages=[{"role", "content"}], condition, images)`. Content
-made of parts (`[{"type": "text", ...}, {"type": "image", ...}]`) keeps its image references
-so the multimodal issue can attach pixel values without reworking this type.
+made of parts (`[{"type": "text", ...}, {"type": "image", "image": ...}]`) becomes text with an `<image>`
+marker where each image part was, and its image values in order. ShareGPT/LLaVA rows (and `messages` rows in
+ms-swift's form) put `<image>` markers in the text and the images in a row-level `images` list (or `image`);
+TRL's form has `{"type": "image"}` parts with no value and the row-level list. The values stay unopened here
+(`data_builders/images.py` checks and opens them); that the markers and images agree in number is checked where
+the images are resolved (`data_builders/image_tokens.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, Literal
 from data_builders.bad_rows import BadRowError
 
 ROLES = ("system", "user", "assistant")
+IMAGE_MARKER = "<image>"  # where an image goes in a message's text (LLaVA / ShareGPT / InternVL convention)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -50,6 +55,7 @@ def normalize(
         messages, images = _openai_messages(row.get("messages"), origin, index)
     else:
         messages, images = _sharegpt_messages(row, origin, index)
+    images = merge_images(images, row_images(row, origin, index), origin, index)
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
@@ -60,7 +66,31 @@ def normalize(
     return Conversation(messages, condition, images, origin, index)
 
 
-def _content_text(content: Any, origin: str, index: int, field_name: str, images: list) -> str:
+def row_images(row: dict, origin: str, index: int) -> list:
+    """The row-level image list: `images` (a list, or one value) or LLaVA's `image`; [] when neither."""
+    for key in ("images", "image"):
+        if key in row and row[key] is not None:
+            value = row[key]
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+    return []
+
+
+def merge_images(part_images: list, listed: list, origin: str, index: int) -> list:
+    """Images of content parts, or the row's list: parts without a value (TRL's `{"type": "image"}`) take the list."""
+    if not part_images:
+        return listed
+    if all(v is None for v in part_images) and listed:
+        return listed
+    if listed:
+        raise BadRowError(origin, index, "images", "images are given both in content parts and in the row's 'images' list; use one")
+    if any(v is None for v in part_images):
+        missing = next(j for j, v in enumerate(part_images) if v is None)
+        raise BadRowError(origin, index, "images", f"image part {missing + 1} has no image value and the row has no 'images' list")
+    return part_images
+
+
+def content_text(content: Any, origin: str, index: int, field_name: str, images: list) -> str:
+    """A message's content as text: a string as is; parts joined, an `<image>` marker per image part (its value to `images`)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts
@@ -70,8 +100,8 @@ def _content_text(content: Any, origin: str, index: int, field_name: str, images
             if kind == "text":
                 texts.append(str(part.get("text", "")))
             elif kind in ("image", "image_url"):
-                images.append(part.get("image") or part.get("image_url"))
-                texts.append("<image>")
+                images.append(part.get("image") or part.get("image_url") or part.get("url"))
+                texts.append(IMAGE_MARKER)
             else:
                 raise BadRowError(origin, index, f"{field_name}[{j}].type", f"unsupported content part {kind!r}")
         return "".join(texts)
@@ -90,7 +120,7 @@ def _openai_messages(messages: Any, origin: str, index: int) -> tuple[list[dict]
             raise BadRowError(origin, index, f"messages[{i}].role", f"expected one of {ROLES}, got {role!r}")
         if "content" not in m or m["content"] is None:
             raise BadRowError(origin, index, f"messages[{i}].content", "missing")
-        out.append({"role": role, "content": _content_text(m["content"], origin, index, f"messages[{i}].content", images)})
+        out.append({"role": role, "content": content_text(m["content"], origin, index, f"messages[{i}].content", images)})
     return out, images
 
 

@@ -4,6 +4,10 @@ Rows are filled best-fit-decreasing. Within a row each document's `position_ids`
 transformers turns restarting positions into a block-diagonal causal mask (sdpa/eager/flex)
 or varlen attention (flash-attention 2), so a document never sees its neighbours. Targets are
 computed per document, so the last token of one document never predicts the next one.
+
+Images travel with their documents: a document is packed whole, so its image spans stay inside it, and a
+batch's `pixel_values` are the tiles of every image in the order the images' tokens appear (row by row,
+document by document), with the spans moved to row coordinates (`TokenBatch`).
 """
 
 from __future__ import annotations
@@ -64,8 +68,12 @@ def collate_rows(rows: Sequence[Sequence[Sample]], pad_id: int, reduction: Reduc
     weights = torch.zeros(shape, dtype=torch.float32, device="cpu")
     doc_ids = torch.full(shape, -1, dtype=torch.long, device="cpu")
     doc = 0
+    pixels: list[torch.Tensor] = []
+    spans: list[list[tuple[int, int]]] = []
+    tiles: list[int] = []
     for r, row in enumerate(rows):
         offset = 0
+        spans.append([])
         for sample in row:
             n = len(sample)
             ids = torch.tensor(sample.input_ids, dtype=torch.long, device="cpu")
@@ -76,6 +84,18 @@ def collate_rows(rows: Sequence[Sequence[Sample]], pad_id: int, reduction: Reduc
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], -100))
             targets[r, offset : offset + n - 1] = shifted
             weights[r, offset : offset + n - 1] = mask[1:].float() * token_weight(int(mask[1:].sum()), reduction)
+            if sample.image_spans:
+                values = sample.pixels()
+                if values is None:
+                    raise ValueError(f"document {sample.origin} has image spans but no images or pixel values")
+                pixels.append(values)
+                spans[r].extend((offset + a, offset + b) for a, b in sample.image_spans)
+                if sample.images:
+                    tiles.extend(sample.tiles)
+                elif len(sample.image_spans) == 1:
+                    tiles.append(values.shape[0])
+                else:
+                    raise ValueError(f"document {sample.origin} holds pixel values of several images but no ImageRefs (tiles per image)")
             offset += n
             doc += 1
         if offset < length:
@@ -83,7 +103,9 @@ def collate_rows(rows: Sequence[Sequence[Sample]], pad_id: int, reduction: Reduc
             # holding one document keeps the plain causal mask (sdpa's is_causal fast path).
             start = int(position_ids[r, offset - 1]) + 1 if offset else 0
             position_ids[r, offset:] = torch.arange(start, start + length - offset, device="cpu")
-    return TokenBatch(input_ids, position_ids, targets, weights, doc_ids)
+    if not pixels:
+        return TokenBatch(input_ids, position_ids, targets, weights, doc_ids)
+    return TokenBatch(input_ids, position_ids, targets, weights, doc_ids, torch.cat(pixels), spans, tiles)
 
 
 def build_rows(samples: Sequence[Sample], max_length: int, packing: bool) -> list[list[int]]:

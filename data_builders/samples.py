@@ -8,8 +8,12 @@ without new types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from data_builders.images import ImageRef
 
 
 @dataclass
@@ -18,8 +22,22 @@ class Sample:
     loss_mask: list[int]
     origin: str = ""
     condition: str | None = None
-    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W) for vision-language models
-    image_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of image tokens
+    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W) for vision-language models, when held in memory
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each image's context tokens
+    images: list[ImageRef] = field(default_factory=list)  # checked images, in span order; pixels made at collate time
+
+    def pixels(self) -> torch.Tensor | None:
+        """(tiles, 3, H, W) of every image of the document in order: held `pixel_values`, else made from `images`."""
+        if self.pixel_values is not None:
+            return self.pixel_values
+        if not self.images:
+            return None
+        return torch.cat([ref.pixels() for ref in self.images])
+
+    @property
+    def tiles(self) -> list[int]:
+        """Tiles per image, in span order."""
+        return [ref.tiles for ref in self.images]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -37,6 +55,11 @@ class TokenBatch:
     input_ids, position_ids (restarting at 0 per document), targets (next token or -100) and
     weights (per-target loss weight) are (rows, length). `doc_ids` numbers documents within the
     batch, -1 on padding.
+
+    With images: `pixel_values` (all tiles, 3, H, W) holds every image of the batch in the order its context
+    tokens appear (row by row, document by document), which is the order transformers' VLMs scatter vision
+    embeddings into the `<IMG_CONTEXT>` positions; `image_spans[r]` are row r's [start, end) context spans and
+    `image_tiles` the tiles of each image, both in that order. All three are None for a batch without images.
     """
 
     input_ids: torch.Tensor
@@ -46,6 +69,7 @@ class TokenBatch:
     doc_ids: torch.Tensor
     pixel_values: torch.Tensor | None = None
     image_spans: list[list[tuple[int, int]]] | None = None
+    image_tiles: list[int] | None = None
 
     def to(self, device: torch.device | str) -> TokenBatch:
         moved = {}

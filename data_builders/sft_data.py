@@ -1,4 +1,10 @@
-"""Builds tokenised SFT samples from the configured sources, applying truncation and bad-row policy."""
+"""Builds tokenised SFT samples from the configured sources, applying truncation and bad-row policy.
+
+With `images` (an `ImageText`: the model's image handler and image token ids) a row's images are checked and
+opened, each `<image>` marker is expanded to the image's tokens (`data_builders/image_tokens.py`), and truncation
+never cuts an image: a row whose images do not fit `max_length` is a bad row naming the image. Without it, a row
+that carries images is a bad row (a text model would otherwise train on the literal `<image>` text).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from data_builders.bad_rows import BadRowError, BadRowPolicy, no_usable_rows
 from data_builders.conversations import normalize
 from data_builders.errors import UserError
+from data_builders.image_tokens import ImageText, check_fits
 from data_builders.readers import read_rows
 from data_builders.render import render_conversation
 from data_builders.samples import Sample
@@ -48,11 +55,12 @@ def source_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, sp
 
 def build_samples(
     sources: list[SourceConfig], data: DataConfig, tokenizer: PreTrainedTokenizerBase, policy: BadRowPolicy, split: str = "train",
-    extra_rows: Iterable[tuple[str, int, Any]] = (),
+    extra_rows: Iterable[tuple[str, int, Any]] = (), images: ImageText | None = None,
 ) -> tuple[list[Sample], DataStats]:  # fmt: skip
     """Tokenise every row; too-long rows follow `data.truncation`, bad rows follow the policy.
 
     `extra_rows` ((origin, row, raw) triples in `messages` form, e.g. rejection-sampled rows) join the sources' rows.
+    `images` makes image rows usable (see the module docstring).
     """
     samples, stats, skipped_before = [], DataStats(), policy.count
     streams = [(source.format, source_rows(source, data, policy, split)) for source in sources] + [("messages", extra_rows)]
@@ -61,9 +69,20 @@ def build_samples(
             truncated = False
             try:
                 conv = normalize(raw, origin, index, fmt, data.system_prompt)
-                rendered = render_conversation(tokenizer, conv.messages)
-                ids, mask = rendered.input_ids, rendered.loss_mask
+                refs, spans = [], []
+                if images is None:
+                    if conv.images:
+                        raise BadRowError(origin, index, "images", f"the row has {len(conv.images)} image(s) but the model takes no "
+                                          "images (data.images is not set for a vision-language model)")  # fmt: skip
+                    rendered = render_conversation(tokenizer, conv.messages)
+                    ids, mask = rendered.input_ids, rendered.loss_mask
+                else:
+                    refs = images.resolve(conv.images, conv.messages, origin, index)
+                    rendered = render_conversation(tokenizer, images.substitute(conv.messages))
+                    ids, mask, spans = images.expand(rendered.input_ids, rendered.loss_mask, refs, origin, index)
                 if len(ids) > data.max_length:
+                    if refs:
+                        check_fits(images, spans, refs, data.max_length, origin, index)
                     if data.truncation == "error":
                         raise BadRowError(origin, index, "messages", f"{len(ids)} tokens exceed max_length {data.max_length}")
                     if data.truncation == "drop":
@@ -74,7 +93,7 @@ def build_samples(
             except BadRowError as err:
                 policy.handle(err, raw)
                 continue
-            samples.append(Sample(ids, mask, f"{origin}:{index}", conv.condition))
+            samples.append(Sample(ids, mask, f"{origin}:{index}", conv.condition, image_spans=spans, images=refs))
             stats.kept += 1
             stats.truncated += truncated
     stats.skipped = policy.count - skipped_before
