@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import re
 from dataclasses import dataclass, field
@@ -76,6 +77,24 @@ class ImageConfig:
         if problems:
             raise UserError("data.images: " + "; ".join(f"{k}: {v}" for k, v in problems))
         return self
+
+
+def image_config_for(model_config: Any, base: ImageConfig | None = None, tokenizer: Any = None) -> ImageConfig:
+    """`base` with what a loaded InternVL-style model fixes: tile side (`vision_config.image_size`), tokens per tile
+    (`image_seq_length`) and, when the tokenizer names them (InternVL `-hf` tokenizers do), the three image tokens."""
+    base = base or ImageConfig()
+    vision = getattr(model_config, "vision_config", None)
+    size = getattr(vision, "image_size", None)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    changes: dict[str, Any] = {}
+    if isinstance(size, int):
+        changes["tile_size"] = size
+    if isinstance(getattr(model_config, "image_seq_length", None), int):
+        changes["tokens_per_tile"] = model_config.image_seq_length
+    for name, attr in (("start_token", "start_image_token"), ("context_token", "context_image_token"), ("end_token", "end_image_token")):
+        if isinstance(getattr(tokenizer, attr, None), str):
+            changes[name] = getattr(tokenizer, attr)
+    return dataclasses.replace(base, **changes)
 
 
 class ImageHandler(Protocol):

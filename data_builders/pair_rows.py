@@ -13,6 +13,11 @@ Without sharing (`share_prefix=False`, needed by flash-attention, which takes no
 layout has an empty prefix and no mask: chosen and rejected are two packed documents whose
 positions restart at 0, which transformers turns into varlen / block-diagonal attention.
 
+A pair's prompt images (`PreferencePair.images` / `image_spans`) sit in the shared prefix, so with sharing the
+vision tower sees each image once per pair (InternVL's own MPO trainer repeats the pixels for both sides); without
+sharing each side is its own document and holds its own copy. `PairRows.pixel_values` follows the order of the
+image tokens in the rows, as `TokenBatch.pixel_values` does.
+
 The mask built here is the pair structure only; `data_builders/attention_layout.py` adds each layer type's own
 pattern (sliding windows, ...) and the form the attention takes when the rows reach the model.
 """
@@ -75,6 +80,9 @@ class PairRows:
     spans: list[PairSpan]
     num_tokens: int  # non-padding positions fed to the model
     sequence_tokens: int  # tokens of chosen + rejected as separate sequences (what a peer feeds)
+    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W) of every image, in the order of its tokens in the rows
+    image_spans: list[list[tuple[int, int]]] | None = None  # per row, [start, end) of each image's context tokens
+    image_tiles: list[int] | None = None  # tiles per image, same order
 
     def ends(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(2·pairs, 2) of (row, index of the last token): chosen at even, rejected at odd entries; made on `device`."""
@@ -92,7 +100,9 @@ class PairRows:
 
     def to(self, device: torch.device | str) -> PairRows:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return PairRows(self.input_ids.to(device), self.position_ids.to(device), mask, self.spans, self.num_tokens, self.sequence_tokens)
+        pixels = self.pixel_values.to(device) if self.pixel_values is not None else None
+        return PairRows(self.input_ids.to(device), self.position_ids.to(device), mask, self.spans, self.num_tokens, self.sequence_tokens,
+                        pixels, self.image_spans, self.image_tiles)  # fmt: skip
 
 
 def pack_pair_units(lengths: Sequence[int], capacity: int, packing: bool = True) -> list[list[int]]:
@@ -110,8 +120,12 @@ def pack_pairs(pairs: Sequence[object], capacity: int, packing: bool, share_pref
 
 
 def collate_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int, share_prefix: bool = True,
-                      multiple_of: int = 8) -> PairRows:
-    """Rows of (chosen ids, rejected ids) → tensors, right-padded to a multiple of `multiple_of`."""
+                      multiple_of: int = 8, images: Sequence[Sequence[object]] | None = None) -> PairRows:
+    """Rows of (chosen ids, rejected ids) → tensors, right-padded to a multiple of `multiple_of`.
+
+    `images`, shaped like `rows`, gives each pair's image holder (a `PreferencePair`: `.images`, `.image_spans` in
+    prompt coordinates); the rows then carry the pixel values and spans (see the module docstring).
+    """
     spans: list[PairSpan] = []
     for r, row in enumerate(rows):
         offset = 0
@@ -144,7 +158,34 @@ def collate_pair_rows(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]
         position_ids[r, n:] = torch.arange(start, start + length - n, device="cpu")
     mask = pair_attention_mask(unit, branch) if share_prefix else None
     sequence_tokens = sum(2 * s.prefix + s.chosen + s.rejected for s in spans)
-    return PairRows(input_ids, position_ids, mask, spans, sum(lengths), sequence_tokens)
+    out = PairRows(input_ids, position_ids, mask, spans, sum(lengths), sequence_tokens)
+    if images is not None:
+        out.pixel_values, out.image_spans, out.image_tiles = _pair_images(spans, [h for row in images for h in row], len(rows))
+    return out
+
+
+def _pair_images(spans: Sequence[PairSpan], holders: Sequence[object], num_rows: int
+                 ) -> tuple[torch.Tensor | None, list[list[tuple[int, int]]] | None, list[int] | None]:  # fmt: skip
+    """Pixels, row spans and tiles of the pairs' prompt images: once in a shared prefix, else once per side."""
+    pixels, row_spans, tiles = [], [[] for _ in range(num_rows)], []
+    for s, holder in zip(spans, holders, strict=True):
+        refs, own = list(getattr(holder, "images", [])), list(getattr(holder, "image_spans", []))
+        if not own:
+            continue
+        values = torch.cat([ref.pixels() for ref in refs])
+        if s.prefix:  # shared: the prompt (and its images) are the prefix
+            if max(b for _, b in own) > s.prefix:
+                raise ValueError(f"pair {getattr(holder, 'origin', '?')}: an image lies outside the shared prefix")
+            starts = [s.start]
+        else:  # two documents: chosen at s.start, rejected after it
+            starts = [s.start, s.start + s.chosen]
+        for start in starts:
+            pixels.append(values)
+            row_spans[s.row].extend((start + a, start + b) for a, b in own)
+            tiles.extend(ref.tiles for ref in refs)
+    if not pixels:
+        return None, None, None
+    return torch.cat(pixels), row_spans, tiles
 
 
 def pair_attention_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

@@ -313,3 +313,40 @@ def test_preference_prompt_images_are_shared_by_both_sides(tmp_path, tok):
     assert "2 <image> markers in the conversation but 1 image" in policy.quarantined[0]["reason"]
     with pytest.raises(BadRowError, match="the model takes no images"):
         build_preference_pairs(cfg.train, cfg, tok, BadRowPolicy())
+
+
+def test_pair_rows_run_a_shared_prompt_image_once(tmp_path, tok):
+    from data_builders.pair_rows import collate_pair_rows
+
+    save(solid(56, 28, (255, 0, 0)), tmp_path / "r.png")
+    save(solid(28, 28, (0, 0, 255)), tmp_path / "b.png")
+    rows = [{"prompt": "<image>How many?", "images": [name], "chosen": "Final Answer: 3", "rejected": "Final Answer: 14"}
+            for name in ("r.png", "b.png")]  # fmt: skip
+    cfg = DataConfig(train=[SourceConfig(path=str(data_file(tmp_path, rows)))])
+    pairs = build_preference_pairs(cfg.train, cfg, tok, BadRowPolicy(), images=ImageText.internvl(tok, SMALL))
+    ctx = add_image_tokens(tok, SMALL).context
+    ids = [[(p.chosen, p.rejected) for p in pairs]]
+    shared = collate_pair_rows(ids, tok.pad_token_id, share_prefix=True, images=[pairs])
+    assert shared.image_tiles == [3, 1] and shared.pixel_values.shape == (4, 3, 28, 28)  # each image once
+    separate = collate_pair_rows(ids, tok.pad_token_id, share_prefix=False, images=[pairs])
+    assert separate.image_tiles == [3, 3, 1, 1] and separate.pixel_values.shape == (8, 3, 28, 28)  # once per side
+    for rows_ in (shared, separate):
+        assert sum(b - a for a, b in rows_.image_spans[0]) == int((rows_.input_ids == ctx).sum())
+        assert all((rows_.input_ids[0, a:b] == ctx).all() for a, b in rows_.image_spans[0])
+    assert shared.image_spans[0][0][1] <= shared.spans[0].start + shared.spans[0].prefix
+    assert collate_pair_rows(ids, tok.pad_token_id).pixel_values is None  # no image holders: text rows as before
+
+
+def test_image_config_follows_a_native_internvl_config():
+    from types import SimpleNamespace
+
+    from transformers import InternVLConfig
+
+    from data_builders.images import image_config_for
+
+    cfg = InternVLConfig(vision_config={"image_size": 56, "patch_size": 14}, image_seq_length=4)
+    tokenizer = SimpleNamespace(start_image_token="<s_img>", context_image_token="<ctx>", end_image_token="</s_img>")
+    got = image_config_for(cfg, ImageConfig(max_tiles=6), tokenizer)
+    assert (got.tile_size, got.tokens_per_tile, got.max_tiles) == (56, 4, 6)
+    assert (got.start_token, got.context_token, got.end_token) == ("<s_img>", "<ctx>", "</s_img>")
+    assert image_config_for(InternVLConfig()) == ImageConfig()  # 448 px, 256 tokens: the defaults are InternVL's
