@@ -281,12 +281,17 @@ def open_checked(source: Any, label: str) -> Image.Image:
     elif isinstance(source, bytes) and not source:
         raise ValueError(f"{label}: empty, 0 bytes")
     where = f" ({source})" if isinstance(source, Path) else ""
+    from PIL import ImageFile
+
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # a library may have turned it on
     try:
         image = _decode(source)
     except UnidentifiedImageError:
         raise ValueError(f"{label}: not an image PIL can read{where}") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # truncated / corrupt data
         raise ValueError(f"{label}: truncated or corrupt image data{where}: {err}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{label}: zero-size image ({image.width}x{image.height}){where}")
     return image

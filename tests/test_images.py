@@ -187,9 +187,10 @@ def test_both_formats_and_inline_images_give_the_same_tokens(tmp_path, tok):
         {"messages": [{"role": "user", "content": user_parts(b64)}, answer]},  # raw base64
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}, answer], "images": ["a.png"]},
         {"messages": [{"role": "user", "content": "<image>What is it?"}, answer], "images": ["a.png"]},
+        {"conversations": sharegpt(["x"])["conversations"], "image": "a.png"},  # LLaVA's single `image`
     ]
     samples, stats = build(tmp_path, rows, tok)
-    assert stats.kept == 6 and all(s.input_ids == samples[0].input_ids for s in samples)
+    assert stats.kept == 7 and all(s.input_ids == samples[0].input_ids for s in samples)
     assert all(torch.equal(s.pixels(), samples[0].pixels()) for s in samples)
 
 
@@ -202,7 +203,10 @@ def test_rgba_palette_cmyk_and_grey_are_converted(tmp_path, tok):
     assert [ref.open().mode for ref in sample.images] == ["RGB"] * 4 and sample.pixels().shape == (12, 3, 28, 28)
 
 
-def test_bad_images_name_file_row_and_image(tmp_path, tok):
+def test_bad_images_name_file_row_and_image(tmp_path, tok, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # even if a library turned lenient loading on
     save(noise(56, 28), tmp_path / "ok.png")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image at all")
@@ -221,7 +225,7 @@ def test_bad_images_name_file_row_and_image(tmp_path, tok):
     policy = BadRowPolicy("skip")
     samples, stats = build(tmp_path, rows + [sharegpt(["ok.png"])], tok, policy=policy)
     assert stats.kept == 1 and stats.skipped == 4 and [q["row"] for q in policy.quarantined] == [1, 2, 3, 4]
-    assert [q["field"] for q in policy.quarantined] == ["images[1]"] * 4
+    assert [q["field"] for q in policy.quarantined] == ["images[1]"] * 4 and ImageFile.LOAD_TRUNCATED_IMAGES
 
 
 def test_marker_count_must_equal_image_count(tmp_path, tok):
