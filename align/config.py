@@ -313,14 +313,11 @@ class PRMConfig:
 class PRMRecipe(RunRecipe):
     output_dir: str = "runs/prm"
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(train=[]))  # step-label files (JSONL, Parquet, HF)
+    # step-label files (JSONL, Parquet, HF) or `synthetic` (worked solutions with injected mistakes, labelled by rule)
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(train=[]))
     prm: PRMConfig = dataclasses.field(default_factory=PRMConfig)
 
     def problems(self) -> list[tuple[str, str]]:
-        for split in ("train", "eval"):
-            if any(s.path == "synthetic" for s in getattr(self.data, split)):
-                return [(f"data.{split}", "'synthetic' (data.train's default once a data section is given) has no step labels; give "
-                         f"step-labelled files, or data.{split}: [] with prm.samples.enabled: true (the policy's own labelled samples)")]
         if not self.data.train and not self.prm.samples.enabled:
             return [("data.train", "is empty and prm.samples is off: give step-labelled files or set prm.samples.enabled: true")]
         return []

@@ -231,6 +231,50 @@ class SyntheticTask:
             rows.append({"prompt": [*map(dict, p.messages)], "chosen": chosen, "rejected": rejected, "condition": p.condition, "tag": tag})
         return rows
 
+    def step_rows(self, n: int, split: str = "train", error_share: float = 0.5) -> list[dict]:
+        """Step-labelled worked solutions for a process reward model (`align prm`): `prompt` / `response` / `steps` / `labels` rows.
+
+        A share `error_share` carries the mistakes a small policy makes, one per solution: a column sum off by one, a
+        lost or invented carry, a misread digit (right sum of the wrong digits), or a final answer that does not follow
+        from the steps; later columns and the final answer follow the mistake or not, at random. Labels come from the
+        rule (`column_step_labels`), never from how a row was made.
+        """
+        rng = random.Random(f"{self.seed}/steps/{split}")
+        rows = []
+        for p in (q for q in self.problems(4 * n, split, salt="steps") if not q.unsafe):
+            if len(rows) == n:
+                break
+            a, b = p.operands
+            cols = [list(c) for c in columns(a, b)]
+            total = a + b
+            if rng.random() < error_share:
+                k = rng.randrange(len(cols) + 1)
+                if k == len(cols):  # the total, not a column
+                    total = wrong_total(rng, total)
+                else:
+                    x, y, carry, t = cols[k]
+                    kind = rng.choice(("sum", "carry", "digit"))
+                    if kind == "sum":
+                        t = max(0, t + rng.choice((1, -1)))
+                    elif kind == "carry":
+                        carry, t = (0, t - 1) if carry else (1, t + 1)
+                    else:
+                        x = (x + rng.choice((1, -1))) % 10
+                        t = x + y + carry
+                    cols[k] = [x, y, carry, t]
+                    if rng.random() < 0.5:  # the rest follows the mistake: carries and total from the wrong column
+                        for j in range(k + 1, len(cols)):
+                            cols[j][2] = cols[j - 1][3] // 10
+                            cols[j][3] = cols[j][0] + cols[j][1] + cols[j][2]
+                        total = int("".join(str(c[3] % 10) for c in reversed(cols))) + (cols[-1][3] // 10) * 10 ** len(cols)
+            steps = [f"{x}+{y}+{c}={t}" if c else f"{x}+{y}={t}" for x, y, c, t in cols]
+            steps[0] = f"{a}+{b}: {steps[0]}"
+            steps.append(f"Final Answer: {total}")
+            labels = column_step_labels(a, b, steps)
+            response = f"{', '.join(steps[:-1])}. {steps[-1]}"  # as `worked_solution` writes it
+            rows.append({"prompt": [*map(dict, p.messages)], "response": response, "steps": steps, "labels": labels, "condition": p.condition})
+        return rows
+
     def rl_prompts(self, n: int, split: str = "train") -> list[dict]:
         """Prompts with ground truth for online RL and for `align eval`."""
         return [p.as_row() for p in self.problems(n, split, salt="rl")]

@@ -4,7 +4,8 @@ A row is `{"prompt": str | messages, "steps": [str, ...], "labels": [...], "cond
 Math-Shepherd shape: the steps are joined by `prm.step_join`), or `{"prompt", "response", "labels"}` with the steps
 found by `prm.step_separator` (how the policy's own labelled samples are stored). A label is 0/1, a boolean, or a
 probability in [0, 1] (Math-Shepherd's soft estimate). A row that cannot be used follows the bad-row policy, named
-by file, 1-based row and field.
+by file, 1-based row and field. A row with both `steps` and `response` has its steps found in the response, in
+order, so the response keeps its own separators (the synthetic suite's step rows are written so).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def _response_text(raw: dict, origin: str, row: int) -> str:
+    response = raw["response"]
+    if not isinstance(response, str) or not response.strip():
+        raise BadRowError(origin, row, "response", "expected a non-empty string")
+    return response
+
+
 def parse_step_row(raw: Any, origin: str, row: int, separator: str, joiner: str) -> tuple[list[dict], str, list[tuple[int, int]], list[float], str | None]:
     """(prompt messages, response, step spans, labels, condition) of one row, or a BadRowError naming the field."""
     if not isinstance(raw, dict):
@@ -33,11 +41,17 @@ def parse_step_row(raw: Any, origin: str, row: int, separator: str, joiner: str)
         steps = raw["steps"]
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
             raise BadRowError(origin, row, "steps", "expected a non-empty list of non-empty strings")
-        response, spans = join_steps(steps, joiner)
+        if "response" in raw:  # both: the steps are found in the response, in order (its own separators kept)
+            response, spans = _response_text(raw, origin, row), []
+            for step in steps:
+                start = response.find(step, spans[-1][1] if spans else 0)
+                if start < 0:
+                    raise BadRowError(origin, row, "steps", f"step {len(spans) + 1} ({step[:40]!r}) is not in the response after step {len(spans)}")
+                spans.append((start, start + len(step)))
+        else:
+            response, spans = join_steps(steps, joiner)
     elif "response" in raw:
-        response = raw["response"]
-        if not isinstance(response, str) or not response.strip():
-            raise BadRowError(origin, row, "response", "expected a non-empty string")
+        response = _response_text(raw, origin, row)
         spans = step_spans(response, separator)
     else:
         raise BadRowError(origin, row, "steps", "missing (give 'steps', or a 'response' split by prm.step_separator)")

@@ -74,6 +74,14 @@ def test_step_scores_do_not_depend_on_padding_or_batch_composition(tokenizer):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(ref), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.tensor(c), torch.tensor(ref), rtol=1e-4, atol=1e-5)
     assert len({round(p, 4) for s in plain for p in s}) > 3  # a real head: the scores differ by step
+    # dense RL rewards: each step's score at its closing token, counted from the response's first token (the policy's
+    # response_ids: the response's tokens, then its end-of-turn token, which closes the last step)
+    dense = ProcessRewardScorer(model, tokenizer, info).step_token_rewards(samples)
+    for s, d, r, ref in zip(samples, docs, dense, plain, strict=True):
+        response_ids = tokenizer(s["response"], add_special_tokens=False)["input_ids"]
+        assert [i for i, _ in r][-1] == len(response_ids) and d.input_ids[d.response_start : d.response_start + len(response_ids)] == response_ids
+        torch.testing.assert_close(torch.tensor([v for _, v in r]), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+    assert [tokenizer.decode(tokenizer(samples[0]["response"])["input_ids"][i]) for i, _ in dense[0][:-1]] == [",", "."]
     # two rows of different widths in one batch (one padded): each step's logit is unchanged
     batch = collate_steps([[docs[0]], [docs[1], docs[2]]], tokenizer.pad_token_id)
     torch.testing.assert_close(torch.sigmoid(step_logits(model, batch)), torch.tensor([p for s in plain for p in s]), rtol=1e-4, atol=1e-5)
@@ -95,6 +103,21 @@ def test_rule_labels_of_a_hand_made_solution():
     assert rule_labels(PROBLEM, "I can't help with that request.", ["I can't help with that request."]) == [0.0]
     other = {"messages": [{"role": "user", "content": "Prove it."}], "answer": 3, "unsafe": False}
     assert rule_labels(other, "Final Answer: 3", ["Final Answer: 3"]) is None  # not checkable by rule
+
+
+def test_synthetic_step_rows_carry_rule_labels_and_injected_mistakes():
+    from data_builders.synthetic import SyntheticTask
+
+    task = SyntheticTask(seed=0, digits=2)
+    clean = task.step_rows(50, error_share=0.0)
+    assert all(set(r["labels"]) == {1} for r in clean) and clean[0]["steps"][-1].startswith("Final Answer:")
+    faulty = task.step_rows(200, error_share=1.0)
+    assert sum(0 in r["labels"] for r in faulty) >= 0.95 * len(faulty)  # one mistake per row (a sum clipped at 0 may survive)
+    assert all(r["labels"] == column_step_labels(*map(int, r["steps"][0].split(":")[0].split("+")), r["steps"]) for r in faulty)
+    kinds = {(r["labels"].index(0), len(r["labels"])) for r in faulty if 0 in r["labels"]}
+    assert len(kinds) >= 4  # mistakes in columns and in the total
+    heldout = task.step_rows(20, split="heldout")
+    assert not {r["prompt"][0]["content"] for r in heldout} & {r["prompt"][0]["content"] for r in task.step_rows(400)}
 
 
 class PrefixGenerator:
@@ -136,14 +159,18 @@ def test_step_rows_parse_and_bad_rows_name_file_row_and_field(tmp_path, tokenize
         {"prompt": "x", "steps": ["a"], "labels": [1], "condition": "nope"},
         {"steps": ["a"], "labels": [1]},
         {"prompt": "x", "steps": ["a"]},
+        {"prompt": "What is 1+1?", "response": "1+1=2. Final Answer: 2", "steps": ["1+1=2", "Final Answer: 2"], "labels": [1, 0]},
+        {"prompt": "x", "response": "a, b", "steps": ["b", "a"], "labels": [1, 1]},
     ]
     path = write_jsonl(rows, tmp_path / "steps.jsonl")
     policy = BadRowPolicy("skip")
     docs = build_step_docs(read_rows(str(path), policy=policy), tokenizer, dict(DEFAULT_CONDITIONS), r"\n", "\n", 256, policy)
-    assert [d.labels for d in docs] == [[1.0, 1.0], [0.0, 0.25]] and [len(d.positions) for d in docs] == [2, 2]
+    assert [d.labels for d in docs] == [[1.0, 1.0], [0.0, 0.25], [1.0, 0.0]] and [len(d.positions) for d in docs] == [2, 2, 2]
+    # steps found in the response keep its own separator: the first step closes at "." (not at a joined newline)
+    assert tokenizer.decode(docs[2].input_ids[docs[2].positions[0]]) == "."
     assert docs[0].condition == "math" and docs[0].origin == f"{path}:1"
     assert [(q["row"], q["field"]) for q in policy.quarantined] == [(3, "labels"), (4, "steps"), (5, "labels"), (6, "condition"),
-                                                                     (7, "prompt"), (8, "labels")]  # fmt: skip
+                                                                     (7, "prompt"), (8, "labels"), (10, "steps")]  # fmt: skip
     with pytest.raises(BadRowError, match=rf"{path}: row 3: field 'labels': 1 labels for 2 steps"):
         strict = BadRowPolicy("error")
         build_step_docs(read_rows(str(path), policy=strict), tokenizer, dict(DEFAULT_CONDITIONS), r"\n", "\n", 256, strict)
@@ -214,8 +241,8 @@ def test_bon_recipe_checks_the_prm_critic(tmp_path):
 
 
 def test_prm_recipe_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="data.train: 'synthetic'"):
-        load_recipe(PRMRecipe, None, ["data.train=[{path: synthetic}]"])
+    with pytest.raises(ConfigError, match="data.train: is empty and prm.samples is off"):
+        load_recipe(PRMRecipe, None, [])
     with pytest.raises(ConfigError, match="prm.step_separator: .* is not a valid regular expression"):
         load_recipe(PRMRecipe, None, ["prm.samples.enabled=true", "prm.step_separator=(["])
     proc = subprocess.run([*ALIGN, "prm", "--config", str(ROOT / "configs" / "prm" / "quickstart.yaml"), "--set", "prm.loss=bradley_terry",

@@ -1,8 +1,8 @@
 """Process reward model training (VisualPRM, Math-Shepherd): a score per step, binary loss on step labels.
 
 The model is the reward model's (`load_reward_model`: the SFT checkpoint's backbone and a zero-initialised scalar
-head). Its data are step-labelled rows from files (`rewards/prm_data.py`) and/or the starting policy's own samples
-labelled by rule or by completion (`align/trainers/prm_samples.py`, saved and read back on resume). Each response is
+head). Its data are step-labelled rows from files (`rewards/prm_data.py`) or the synthetic suite's worked solutions
+with injected mistakes (`SyntheticTask.step_rows`), and/or the starting policy's own samples labelled by rule or by completion (`align/trainers/prm_samples.py`, saved and read back on resume). Each response is
 one document `[condition prompt | prompt | response]`; documents are packed best fit into rows of `data.max_length`
 with restarting positions, and one forward scores every step of a micro-batch at the token that closes it
 (`rewards/prm.py`). The loss is the registered step loss (BCE) averaged over the steps of the optimizer step.
@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import gather_object
 
 import rewards.losses  # noqa: F401 - registers the step losses
-from align.config import PRMRecipe
+from align.config import PRMRecipe, SourceConfig
 from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer, without_zero3_init
 from align.engine.plan import eval_micro_batches
 from align.model_paths import check_model_path
@@ -32,6 +32,7 @@ from align.trainers.prm_samples import draw_step_rows
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.packing import build_rows
 from data_builders.readers import read_rows
+from data_builders.synthetic import SyntheticTask
 from rewards.loss_registry import get_loss
 from rewards.prm import PRMInfo, StepBatch, StepDoc, collate_steps, step_logits
 from rewards.prm_data import build_step_docs
@@ -56,9 +57,8 @@ class PRMTrainer(Trainer):
         self.model = load_reward_model(recipe.model, self.tokenizer, torch.float32, seed=recipe.train.seed)
         build = lambda rows, what: build_step_docs(rows, self.tokenizer, cfg.conditions, cfg.step_separator, cfg.step_join,  # noqa: E731
                                                    data.max_length, self.bad_rows, what)  # fmt: skip
-        file_rows = lambda sources: [row for s in sources for row in read_rows(s.path, s.split, s.max_rows, self.bad_rows)]  # noqa: E731
-        self.docs = build(file_rows(data.train) + train, "train")
-        eval_rows = file_rows(data.eval) + evals
+        self.docs = build(self._source_rows(data.train, "train") + train, "train")
+        eval_rows = self._source_rows(data.eval, "eval") + evals
         self.eval_docs = build(eval_rows, "eval") if eval_rows else []
         self.bad_rows.write()
         self.train_rows = build_rows(self.docs, data.max_length, data.packing)
@@ -67,6 +67,19 @@ class PRMTrainer(Trainer):
                            "eval_responses": len(self.eval_docs), "eval_steps": sum(len(d.positions) for d in self.eval_docs),
                            "train_rows_packed": len(self.train_rows), "quarantined": self.bad_rows.count,
                            "sampled": self.sampled_stats}  # fmt: skip
+
+    def _source_rows(self, sources: Sequence[SourceConfig], split: str) -> list[tuple[str, int, Any]]:
+        """(origin, 1-based row, row) of step-label files, or of the synthetic suite's step rows (`SyntheticTask.step_rows`)."""
+        out, syn = [], self.recipe.data.synthetic
+        for source in sources:
+            if source.path == "synthetic":
+                task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
+                n = source.max_rows or (syn.train_rows if split == "train" else syn.eval_rows)
+                rows = task.step_rows(n, "train" if split == "train" else "heldout")
+                out += [(f"synthetic-steps[{split}]", i, row) for i, row in enumerate(rows, start=1)]
+            else:
+                out += list(read_rows(source.path, source.split, source.max_rows, self.bad_rows))
+        return out
 
     def _draw(self) -> tuple[list[dict], dict[str, Any]]:
         """Sample the starting policy (the SFT model at `model.name_or_path`) and label its steps; the policy is freed after."""
