@@ -19,12 +19,29 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+# A tiny InternVL (native transformers format: vision tower, pixel-shuffle projector, Qwen2 language model) for tests
+# and quickstarts of the image path: 56-px tiles of 4×4 patches, 4 tokens per tile after the 0.5 pixel shuffle.
+VLM_CONFIGS: dict[str, dict] = {
+    "internvl-tiny": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=[56, 56], patch_size=[14, 14]),
+        text=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_seq_length=4,
+    ),
+}
+
+
+def is_builtin_vlm(name: str) -> bool:
+    return is_builtin(name) and name[len(PREFIX) :] in VLM_CONFIGS
+
+
 def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
 def builtin_shape(name: str) -> dict:
     size = name[len(PREFIX) :]
+    if size in VLM_CONFIGS:
+        return dict(VLM_CONFIGS[size])
     if size not in CONFIGS:
-        raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(PREFIX + k for k in CONFIGS)}")
+        raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(PREFIX + k for k in [*CONFIGS, *VLM_CONFIGS])}")
     return dict(CONFIGS[size])

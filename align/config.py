@@ -116,6 +116,33 @@ class SyntheticConfig:
 
 
 @dataclasses.dataclass
+class ImagesConfig:
+    """How images become tiles and tokens for a vision-language model (InternVL's rule: `data_builders/images.py`).
+
+    A loaded model fixes the tile side and the tokens per tile (its vision config) and, when its tokenizer names them,
+    the image tokens; the values here are used where it does not. Text-only models ignore this section.
+    """
+
+    tile_size: int = bounded(448, ge=1)
+    min_tiles: int = bounded(1, ge=1)
+    max_tiles: int = bounded(12, ge=1)  # InternVL-Chat-V1.5: 12 tiles of 448 px (+ a thumbnail when > 1)
+    thumbnail: bool = True
+    tokens_per_tile: int = bounded(256, ge=1)  # (448/14)² × 0.5² after InternVL's pixel shuffle
+    start_token: str | None = "<img>"
+    context_token: str = "<IMG_CONTEXT>"
+    end_token: str | None = "</img>"
+    mean: list[float] = dataclasses.field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = bounded(factory=lambda: [0.229, 0.224, 0.225], gt=0.0)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.min_tiles > self.max_tiles:
+            return [("min_tiles", f"must not exceed max_tiles ({self.max_tiles}), got {self.min_tiles}")]
+        if len(self.mean) != 3 or len(self.std) != 3:
+            return [("mean", f"mean and std need three values each (RGB), got {self.mean} and {self.std}")]
+        return []
+
+
+@dataclasses.dataclass
 class DataConfig:
     train: list[SourceConfig] = dataclasses.field(default_factory=lambda: [SourceConfig()])
     eval: list[SourceConfig] = dataclasses.field(default_factory=list)
@@ -131,6 +158,7 @@ class DataConfig:
     share_prefix: bool | None = None
     pair_row_tokens: int | None = bounded(None, ge=1)  # tokens per packed row of pairs; default 2·max_length (the longest pair)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    images: ImagesConfig = dataclasses.field(default_factory=ImagesConfig)  # used when the model is a vision-language model
 
     def eval_sources(self) -> list[SourceConfig]:
         """`eval` if given; else the synthetic suite's held-out split when training on it; else none."""

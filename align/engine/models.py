@@ -89,9 +89,14 @@ def eos_ids(first: int | None, kept: int | list[int] | None) -> list[int]:
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A causal LM from a built-in shape (random init, seeded) or from pretrained weights."""
+    """A causal LM from a built-in shape (random init, seeded) or from pretrained weights; a vision-language model
+    (`align/engine/vision.py`) is loaded as one, since its language model is what every loss reads."""
     attn = resolve_attention(cfg.attn_implementation)
-    if builtin.is_builtin(cfg.name_or_path):
+    from align.engine.vision import is_vision_language, load_vision_language
+
+    if is_vision_language(cfg):  # an image-text-to-text model: the same text path, tiles passed as pixel_values
+        model = load_vision_language(cfg, tokenizer, dtype, attn, seed)
+    elif builtin.is_builtin(cfg.name_or_path):
         config = builtin_config(cfg.name_or_path, tokenizer, attn)
         with torch.random.fork_rng():
             torch.manual_seed(seed)

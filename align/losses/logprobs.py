@@ -24,17 +24,20 @@ CHUNK_TOKENS = 4096
 
 
 def final_hidden_states(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """(rows, length, hidden) after the final norm. `use_cache=False` keeps packed documents apart."""
-    return hidden_states(model, batch.input_ids, batch.position_ids, batch.lengths())
+    """(rows, length, hidden) after the final norm. `use_cache=False` keeps packed documents apart; a batch with images
+    hands the model its tiles (in the order of the rows' image tokens, which is how a VLM scatters them)."""
+    return hidden_states(model, batch.input_ids, batch.position_ids, batch.lengths(), pixel_values=batch.pixel_values)
 
 
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor,
-                  pair_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                  pair_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(rows, length, hidden) after the final norm, with no logits computed (`logits_to_keep=1`).
 
-    `lengths`: real tokens per row (padding is trailing); `pair_mask`: shared-prefix pair rows' 4-D bool mask.
+    `lengths`: real tokens per row (padding is trailing); `pair_mask`: shared-prefix pair rows' 4-D bool mask;
+    `pixel_values`: the image tiles of the rows, if any.
     """
-    return forward_hidden(model, input_ids, position_ids, lengths, pair_mask, logits_to_keep=1)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    return forward_hidden(model, input_ids, position_ids, lengths, pair_mask, logits_to_keep=1, **images)
 
 
 def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

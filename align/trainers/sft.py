@@ -19,6 +19,7 @@ import torch
 
 from align.config import SFTRecipe
 from align.engine.models import load_causal_lm, load_tokenizer
+from align.engine.vision import image_text_for
 from align.evaluation import load_prompts, task_accuracy
 from align.losses import register_loss
 from align.losses.logprobs import target_logprobs
@@ -53,10 +54,11 @@ class SFTTrainer(Trainer):
             self.model.to(engine.device)
             sampled = self._rejection_sampled_rows()
             self.before = self._task_accuracy() if recipe.eval.enabled else {}
-        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled)
+        images = image_text_for(self.model, self.tokenizer, data.images)  # a VLM: image rows become tiles and image tokens
+        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, images=images)
         eval_sources = data.eval_sources()
         self.eval_samples, eval_stats = (
-            build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval") if eval_sources else ([], None)
+            build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval", images=images) if eval_sources else ([], None)
         )
         self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
         self.train_rows = build_rows(self.samples, data.max_length, data.packing)

@@ -1,0 +1,83 @@
+"""Vision-language models on the text path: loading, the built-in tiny InternVL, and the image side of the tokenizer.
+
+A VLM is any checkpoint whose config has a `vision_config` (transformers' image-text-to-text models: InternVL's native
+`-hf` checkpoints first), loaded with `AutoModelForImageTextToText`; everything after loading is the text path (the
+same loop, losses, packing and buffer), with the batch's image tiles passed as `pixel_values` to the model's forward.
+`prepare_images` makes the tokenizer and model agree on the image tokens (`data_builders/image_tokens.py`) and returns
+the `ImageText` the data builders render image rows with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+
+from align import builtin
+from data_builders.image_tokens import ImageText, add_image_tokens
+from data_builders.images import ImageConfig, image_config_for
+
+if TYPE_CHECKING:
+    from align.config import ImagesConfig, ModelConfig
+
+
+def is_vision_language(cfg: ModelConfig) -> bool:
+    """Whether `model.name_or_path` names a vision-language model (reads the config only)."""
+    if builtin.is_builtin(cfg.name_or_path):
+        return builtin.is_builtin_vlm(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return getattr(config, "vision_config", None) is not None
+
+
+def has_vision(model: torch.nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner.config, "vision_config", None) is not None
+
+
+def image_text_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, images: ImagesConfig | None) -> ImageText | None:
+    """`prepare_images` for a vision-language model; None for a text model (image rows are then bad rows)."""
+    return prepare_images(model, tokenizer, images) if has_vision(model) else None
+
+
+def image_config(images: ImagesConfig | None) -> ImageConfig:
+    """The recipe's `data.images` as the data builders' frozen config."""
+    if images is None:
+        return ImageConfig()
+    fields = {k: getattr(images, k) for k in ("tile_size", "min_tiles", "max_tiles", "thumbnail", "tokens_per_tile", "start_token",
+                                                "context_token", "end_token")}  # fmt: skip
+    return ImageConfig(**fields, mean=tuple(images.mean), std=tuple(images.std))
+
+
+def builtin_vlm(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, seed: int) -> torch.nn.Module:
+    """The built-in tiny InternVL, seeded; the tokenizer gets the image tokens first (they are in its vocabulary)."""
+    shape = builtin.builtin_shape(name)
+    ids = add_image_tokens(tokenizer, ImageConfig(tile_size=shape["vision"]["image_size"][0], tokens_per_tile=shape["image_seq_length"]))
+    text = dict(shape["text"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)  # fmt: skip
+    config = InternVLConfig(vision_config=shape["vision"], text_config=text, image_token_id=ids.context, image_seq_length=shape["image_seq_length"],
+                            downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1)  # fmt: skip
+    config._attn_implementation = attn
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return InternVLForConditionalGeneration(config)
+
+
+def load_vision_language(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attn: str, seed: int) -> torch.nn.Module:
+    if builtin.is_builtin(cfg.name_or_path):
+        return builtin_vlm(cfg.name_or_path, tokenizer, attn, seed).to(dtype)
+    return AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                                       dtype=dtype, attn_implementation=attn)  # fmt: skip
+
+
+def prepare_images(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, images: ImagesConfig | None) -> ImageText:
+    """Image tokens in the tokenizer (added if missing, embeddings resized), the model told which one is the image's,
+    and the tiling/token counts the model's vision side defines (tile side, tokens per tile)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = ImageText.internvl(tokenizer, image_config_for(inner.config, image_config(images), tokenizer))
+    if len(tokenizer) > inner.get_input_embeddings().num_embeddings:
+        inner.resize_token_embeddings(len(tokenizer))
+    inner.config.image_token_id = text.ids.context
+    return text
