@@ -8,6 +8,7 @@ image-text-to-text model.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from PIL import Image
@@ -80,3 +81,59 @@ def test_align_sft_trains_a_tiny_internvl_and_the_export_loads_by_path(tmp_path,
     assert type(exported).__name__ == "InternVLForConditionalGeneration"
     reloaded = load_causal_lm(ModelConfig(name_or_path=str(out / "model")), load_tokenizer(ModelConfig(name_or_path=str(out / "model"))), torch.float32)
     assert has_vision(reloaded) and reloaded.config.image_token_id == exported.config.image_token_id
+
+
+def preference_rows(tmp_path, n: int = 3) -> str:
+    rows = []
+    for i in range(n):
+        name = f"pref{i}.png"
+        Image.new("RGB", (112 if i % 2 else 56, 56), (40 * i, 200 - 40 * i, 90)).save(tmp_path / name)
+        rows.append({"prompt": [{"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": f"Describe picture {i}."}]}],
+                     "chosen": f"A green picture, number {i}.", "rejected": "I cannot see anything.", "condition": "math"})  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@torch.no_grad()
+def test_image_preference_pairs_share_the_prompt_image_and_equal_separate_forwards(tmp_path):
+    from align.trainers.mpo import collate_preference, sequence_logprobs
+    from data_builders.preference_data import build_preference_pairs
+
+    cfg = ModelConfig(name_or_path=TINY, attn_implementation="sdpa")
+    tok = load_tokenizer(cfg)
+    model = load_causal_lm(cfg, tok, torch.float32).eval()
+    images = prepare_images(model, tok, ImagesConfig(max_tiles=4))
+    data = DataConfig(train=[SourceConfig(path=preference_rows(tmp_path))], max_length=256)
+    pairs = build_preference_pairs(data.train, data, tok, BadRowPolicy("error"), "train", images=images)
+    assert [len(p.images) for p in pairs] == [1, 1, 1]
+    for share in (True, False):
+        batch = collate_preference([pairs], list(range(len(pairs))), tok.pad_token_id, share)
+        per_pair = [image.tiles for p in pairs for image in p.images]
+        assert batch.rows.pixel_values.shape[0] == sum(per_pair) * (1 if share else 2)  # the image once per shared prompt
+        sums = sequence_logprobs(model, batch)
+        for k, pair in enumerate(pairs):
+            pixels = pair.images[0].pixels()
+            for side, ids in enumerate((pair.chosen, pair.rejected)):
+                logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float().log_softmax(-1)
+                start = pair.prompt_length
+                expected = logits[torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum()
+                torch.testing.assert_close(sums[k, side], expected, rtol=0, atol=1e-4)
+
+
+def test_align_mpo_trains_a_tiny_internvl_on_image_pairs(tmp_path):
+    from align.cli import main
+
+    data = preference_rows(tmp_path, 4)
+    out = tmp_path / "mpo"
+    args = ["mpo", "--config", str(ROOT / "configs" / "mpo" / "quickstart.yaml"), "--set", f"model.name_or_path={TINY}",
+            "--set", f"output_dir={out}", "--set", f"data.train=[{{path: {data}}}]", "--set", "data.eval=[]",
+            "--set", "data.images.max_tiles=4", "--set", "mpo.sampled_pairs.enabled=false", "--set", "mpo.reference=model",
+            "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2", "--set", "train.max_steps=2",
+            "--set", "eval.enabled=false", "--set", "logging.wandb=false", "--set", "logging.progress=false", "--set", "train.log_every=1"]  # fmt: skip
+    assert main(args) == 0
+    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:2]
+    # step 1: the policy is its reference (same images, same tokens), so DPO's loss is log 2 and BCO's 2·log 2
+    assert abs(first["loss/sigmoid"] - math.log(2)) < 1e-5 and abs(first["loss/bco_pair"] - 2 * math.log(2)) < 1e-5
+    assert second["rewards/margin"] != 0.0  # the first step moved the policy on these image pairs
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

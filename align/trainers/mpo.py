@@ -26,6 +26,7 @@ from accelerate.utils import gather_object
 from align.config import MPORecipe
 from align.engine.models import load_causal_lm, load_tokenizer, prepare_frozen, resolve_attention
 from align.engine.plan import eval_micro_batches
+from align.engine.vision import has_vision, image_text_for, prepare_images
 from align.evaluation import load_prompts, task_accuracy
 from align.losses import get_loss
 from align.losses.logprobs import hidden_states, logprobs_of
@@ -72,7 +73,8 @@ class PreferenceBatch:
 
 def collate_preference(pairs: Sequence[Sequence[PreferencePair]], pair_ids: list[int], pad_id: int, share_prefix: bool) -> PreferenceBatch:
     """Rows of pairs → shared-prefix rows plus, per response token, where its prediction is read."""
-    rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in pairs], pad_id, share_prefix)
+    with_images = any(p.images for row in pairs for p in row)  # tiles travel with their pairs (once in a shared prompt)
+    rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in pairs], pad_id, share_prefix, images=pairs if with_images else None)
     flat = [p for row in pairs for p in row]
     positions, targets, sequence = [], [], []
     for k, (span, pair) in enumerate(zip(rows.spans, flat, strict=True)):
@@ -95,7 +97,7 @@ def collate_preference(pairs: Sequence[Sequence[PreferencePair]], pair_ids: list
 def sequence_logprobs(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
     """(pairs, 2) summed response-token log-probs of chosen and rejected, from one forward."""
     rows = batch.rows
-    hidden = hidden_states(model, rows.input_ids, rows.position_ids, rows.lengths(), rows.attention_mask)
+    hidden = hidden_states(model, rows.input_ids, rows.position_ids, rows.lengths(), rows.attention_mask, pixel_values=rows.pixel_values)
     logprobs = logprobs_of(model, hidden[batch.positions[:, 0], batch.positions[:, 1]], batch.targets)
     sums = torch.zeros(2 * batch.num_pairs, dtype=logprobs.dtype, device=logprobs.device)
     return sums.index_add(0, batch.sequence, logprobs).view(-1, 2)
@@ -123,10 +125,12 @@ class MPOTrainer(Trainer):
         self.model.to(engine.device)
         self.sampled_stats: dict[str, Any] = {}
         sampled = self._sampled_pairs() if cfg.sampled_pairs.enabled else []
-        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, conditions=cfg.conditions)
+        self.images = image_text_for(self.model, self.tokenizer, data.images)  # a VLM: prompt images become tiles and tokens
+        self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, conditions=cfg.conditions,
+                                            images=self.images)  # fmt: skip
         eval_sources = data.eval_sources()
-        self.eval_pairs = (build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval", conditions=cfg.conditions)
-                           if eval_sources else [])  # fmt: skip
+        self.eval_pairs = (build_preference_pairs(eval_sources, data, self.tokenizer, self.bad_rows, "eval", conditions=cfg.conditions,
+                                                  images=self.images) if eval_sources else [])  # fmt: skip
         self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
         capacity = data.pair_row_tokens or 2 * data.max_length
         self.train_rows, saved = pack_pairs(self.pairs, capacity, data.packing, self.share_prefix)
@@ -192,7 +196,10 @@ class MPOTrainer(Trainer):
 
     def _load_reference(self) -> torch.nn.Module:
         """Frozen, so in the compute dtype (bf16 on GPU by default), as RLHF's reference; the policy keeps fp32 master weights."""
-        return load_causal_lm(self._reference_config(), self.tokenizer, self.engine.dtype, seed=self.recipe.train.seed)
+        reference = load_causal_lm(self._reference_config(), self.tokenizer, self.engine.dtype, seed=self.recipe.train.seed)
+        if has_vision(reference):  # the policy's image tokens (added to the tokenizer) are in its vocabulary too
+            prepare_images(reference, self.tokenizer, self.recipe.data.images)
+        return reference
 
     @torch.no_grad()
     def _reference_sums(self, reference: torch.nn.Module, pairs: list[PreferencePair], ids: list[int]) -> torch.Tensor:
