@@ -137,7 +137,8 @@ def step_metrics(records: Sequence[tuple[str, list[float], list[float]]], thresh
     """Step accuracy, F1 of finding wrong steps, first-error-step accuracy: overall and per condition.
 
     `records`: (condition, labels, P(good) per step) per response. A label >= 0.5 is a good step; a step is predicted
-    good when P(good) >= threshold. A response's first error is the index of its first bad step, or none.
+    good when P(good) >= threshold. A response's first error is the index of its first bad step, or none. F1 is 1.0 for a
+    condition with no wrong step labelled and none predicted.
     """
     by: dict[str, list[tuple[list[float], list[float]]]] = defaultdict(list)
     for condition, labels, probs in records:
