@@ -278,3 +278,32 @@ def test_align_prm_trains_on_labelled_samples_and_files_and_resumes_its_rows(tmp
     assert main(args) == 0
     assert "not sampling again" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["data"]["train_responses"] == summary["data"]["train_responses"]
+
+
+def test_bon_with_a_prm_critic_picks_by_the_aggregated_step_scores(tmp_path, sft_checkpoint, tiny_rm):
+    """`align bon` with routes {prm: 1}: every sample's score is its mean step probability, recomputed here from its text."""
+    import shutil
+
+    from align.bon import run_bon
+    from align.config import ModelConfig
+    from align.engine.models import load_reward_model, load_tokenizer
+
+    prm_dir = tmp_path / "prm"
+    shutil.copytree(tiny_rm, prm_dir)
+    (prm_dir / "reward_stats.json").unlink()
+    PRMInfo(r"\.|,", dict(DEFAULT_CONDITIONS)).write(prm_dir)
+    out = tmp_path / "bon"
+    sets = {"output_dir": out, "model.name_or_path": sft_checkpoint, "bon.process_reward_model": prm_dir, "bon.n_values": "[1,2,4]",
+            "eval.num_prompts": 4, "eval.max_new_tokens": 8, "eval.batch_size": 2, "bon.aggregation": "min"}  # fmt: skip
+    summary = run_bon(load_recipe(BoNRecipe, str(ROOT / "configs" / "bon" / "prm_quickstart.yaml"), [f"{k}={v}" for k, v in sets.items()]))
+    assert summary["process_reward_model"] == str(prm_dir.resolve()) and summary["reward_model"] is None and summary["aggregation"] == "min"
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 4 and all(set(r["parts"]) == {"prm"} for r in rows)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(prm_dir)))
+    scorer = ProcessRewardScorer(load_reward_model(ModelConfig(name_or_path=str(prm_dir)), tokenizer).eval(), tokenizer, PRMInfo.read(prm_dir), "min")
+    from align.config import SyntheticConfig
+    from align.evaluation import load_prompts
+
+    prompts = load_prompts(None, SyntheticConfig(seed=0, digits=2, eval_rows=300), 4)
+    samples = [{"condition": r["condition"], "prompt": prompts[r["prompt_index"]]["messages"], "response": r["response"]} for r in rows]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), scorer.scores(samples), rtol=1e-4, atol=1e-5)
