@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -137,3 +138,29 @@ def test_align_mpo_trains_a_tiny_internvl_on_image_pairs(tmp_path):
     assert abs(first["loss/sigmoid"] - math.log(2)) < 1e-5 and abs(first["loss/bco_pair"] - 2 * math.log(2)) < 1e-5
     assert second["rewards/margin"] != 0.0  # the first step moved the policy on these image pairs
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_zero3_ranks_with_and_without_images_both_run_the_vision_tower(tmp_path):
+    """ZeRO-3 gathers the vision tower's weights inside its forward: a rank whose batch has no image must still run it
+    (on an idle tile, weight 0), or the rank that has one waits for it forever (transformers #37186)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import run_env
+
+    rows = [json.loads(line) for line in Path(image_rows(tmp_path, 1)).read_text().splitlines()]
+    rows.append({"messages": [{"role": "user", "content": "No picture here."}, {"role": "assistant", "content": "Then I see nothing."}]})
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "zero3"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+                str(ROOT / "configs" / "accelerate" / "zero3.yaml"), "--main_process_port", "0", "-m", "align"]  # fmt: skip
+    args = ["sft", "--config", str(ROOT / "configs" / "sft" / "quickstart.yaml"), "--set", f"model.name_or_path={TINY}",
+            "--set", f"output_dir={out}", "--set", f"data.train=[{{path: {data}}}]", "--set", "data.packing=false",
+            "--set", "data.max_length=128", "--set", "data.images.max_tiles=4", "--set", "train.micro_batch_size=1",
+            "--set", "train.global_batch_size=2", "--set", "train.max_steps=2", "--set", "eval.enabled=false",
+            "--set", "logging.wandb=false", "--set", "logging.progress=false"]  # fmt: skip
+    proc = subprocess.run(launcher + args, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-30000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["deepspeed"] is True and summary["steps"] == 2

@@ -83,6 +83,25 @@ def fill_deepspeed_config(config: dict, shape: BatchShape, max_grad_norm: float,
     return config
 
 
+def fill_model_sizes(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """DeepSpeed's "auto" bucket sizes from the language model's hidden size, with accelerate's own formulas.
+
+    accelerate reads `model.config.hidden_size`, which a vision-language model keeps in its `text_config`: without this,
+    `prepare` refuses an InternVL under a ZeRO-3 config that leaves the sizes on auto (ours does)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    config = getattr(getattr(model, "module", model), "config", None)
+    if plugin is None or config is None or getattr(config, "hidden_size", None) or getattr(config, "hidden_sizes", None):
+        return
+    hidden = getattr(config.get_text_config(), "hidden_size", None)
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    if not hidden:
+        return
+    for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):  # fmt: skip
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
 def _ensure_single_process_env() -> None:
     """DeepSpeed needs a process group even for one process started without a launcher."""
     if "RANK" in os.environ:

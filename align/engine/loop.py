@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from align.config import flat_dict
+from align.engine.accelerator import fill_model_sizes
 from align.engine.checkpoint import Checkpointer
 from align.engine.core import Engine
 from align.engine.logger import RunLogger
@@ -170,6 +171,7 @@ def fit(engine: Engine, trainer) -> dict:
     plan = StepPlan(len(trainer.train_rows), engine.shape, cfg.seed, cfg.epochs, cfg.max_steps)
     optimizer = build_optimizer(trainer.model, recipe.optim)
     scheduler = build_scheduler(optimizer, recipe.optim, plan.total_steps)
+    fill_model_sizes(acc, trainer.model)
     model, optimizer, scheduler = acc.prepare(trainer.model, optimizer, scheduler)
     trainer.model = model
     model.train()

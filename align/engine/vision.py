@@ -60,7 +60,11 @@ def builtin_vlm(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, seed: 
     config._attn_implementation = attn
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = attn
-    with torch.random.fork_rng():
+    from align.engine.models import without_zero3_init
+
+    # whole, as the built-in Llama: its sub-models come from `from_config`, which would partition them under a ZeRO-3
+    # config while the outer model initialises its weights (accelerate partitions the whole model at `prepare`)
+    with torch.random.fork_rng(), without_zero3_init():
         torch.manual_seed(seed)
         return InternVLForConditionalGeneration(config)
 
@@ -80,4 +84,42 @@ def prepare_images(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, i
     if len(tokenizer) > inner.get_input_embeddings().num_embeddings:
         inner.resize_token_embeddings(len(tokenizer))
     inner.config.image_token_id = text.ids.context
+    keep_vision_in_step(model)
     return text
+
+
+def keep_vision_in_step(model: torch.nn.Module) -> None:
+    """On several ranks, make a VLM run its vision tower in every forward, on one blank tile (weight 0) when the batch
+    has no image: a forward pre-hook on the language model adds 0 × those features to its input embeddings.
+
+    ZeRO-3 gathers each module's weights collectively inside its forward (and backward): a rank whose batch has an
+    image runs embeddings → vision tower → language model, so every other rank must run the same modules in the same
+    order, inside the same engine forward, or the gathers no longer pair up (gloo aborts, NCCL hangs: transformers
+    #37186). The hook runs exactly where the real image's features would be computed.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = getattr(getattr(inner, "config", None), "vision_config", None)
+    language = getattr(getattr(inner, "model", None), "language_model", None)
+    if vision is None or language is None or not hasattr(inner, "get_image_features"):
+        return
+    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    state = {"images": False}
+
+    def note_images(_module, args, kwargs):  # on the outer model: did this forward get pixel values?
+        state["images"] = kwargs.get("pixel_values") is not None
+        return None
+
+    def idle_tile(_module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if state["images"] or embeds is None:
+            return None
+        out = inner.get_image_features(pixel_values=torch.zeros(1, 3, size, size, device=embeds.device),
+                                       vision_feature_layer=getattr(inner.config, "vision_feature_layer", -1),
+                                       vision_feature_select_strategy=getattr(inner.config, "vision_feature_select_strategy", None))  # fmt: skip
+        tensors = [out] if isinstance(out, torch.Tensor) else [t for t in (out.to_tuple() if hasattr(out, "to_tuple") else out) if isinstance(t, torch.Tensor)]
+        return args, {**kwargs, "inputs_embeds": embeds + 0.0 * sum(t.sum() for t in tensors).to(embeds.dtype)}
+
+    inner.register_forward_pre_hook(note_images, with_kwargs=True)
+    language.register_forward_pre_hook(idle_tile, with_kwargs=True)

@@ -42,7 +42,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from align.config import ModelConfig, RLHFRecipe, flat_dict
-from align.engine.accelerator import world_size_from_env
+from align.engine.accelerator import fill_model_sizes, world_size_from_env
 from align.engine.checkpoint import Checkpointer
 from align.engine.core import Engine
 from align.engine.logger import RunLogger
@@ -192,6 +192,7 @@ class RLHFTrainer:
         optimizer = build_actor_critic_optimizer(model, recipe.optim, ppo.critic_lr)
         scheduler = build_actor_critic_scheduler(optimizer, recipe.optim, self.total_iterations * steps_per_iteration,
                                                  ppo.critic_warmup_iterations * steps_per_iteration)  # fmt: skip
+        fill_model_sizes(engine.accelerator, model)
         self.model, optimizer, scheduler = engine.accelerator.prepare(model, optimizer, scheduler)
         self.critic = engine.accelerator.unwrap_model(self.model).critic  # None without one
         self.stepper = Stepper(engine, self.model, optimizer, scheduler, recipe.optim.max_grad_norm, recipe.train.max_bad_steps)
