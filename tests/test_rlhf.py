@@ -336,3 +336,23 @@ def test_fast_path_rm_update_keeps_fp32_master_weights_and_renormalises(tmp_path
     assert trainer.router.stats == trainer.state.reward_stats == report["reward_stats"] != stats_before
     assert set(trainer.router.stats) <= {"math", "concise", "harmless"}
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_sampling_draws_from_the_full_distribution_not_transformers_default_top_k(sft_checkpoint):
+    """The losses score samples with the full softmax: generation must not truncate it to transformers' top-k of 50."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.rollout.generation import HFGenerator, SamplingParams
+
+    model, tok = AutoModelForCausalLM.from_pretrained(sft_checkpoint), AutoTokenizer.from_pretrained(sft_checkpoint)
+    seen = {}
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    model.generate = spy
+    HFGenerator(model, tok, Accelerator(cpu=True)).generate([[{"role": "user", "content": "1+1?"}]], SamplingParams(4, 2, 1.0))
+    assert seen["do_sample"] is True and seen["top_k"] == 0 and seen["top_p"] == 1.0

@@ -29,6 +29,9 @@ class SamplingParams:
     n: int = 1
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    # 0 = no top-k: samples come from the distribution the losses score (full softmax); transformers would otherwise
+    # apply its default top-k of 50 (or a checkpoint's own), an off-policy bias in every PPO/GRPO ratio
+    top_k: int = 0
 
 
 @dataclass
@@ -108,7 +111,7 @@ class HFGenerator:
             attention[r, width - len(ids) :] = 1
         ends = end_token_ids(model, tok)
         greedy = params.temperature <= 0
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
         out = model.generate(input_ids=input_ids.to(self.accelerator.device), attention_mask=attention.to(self.accelerator.device),
                              max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
                              # whole weights here: no rank needs the others (transformers would otherwise sync every token under ZeRO-3)
