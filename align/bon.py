@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from align.config import ConfigError, EvalConfig, ModelConfig, RewardConfig, RunRecipe, load_recipe
-from align.model_paths import MAKE_RM, check_model_path
-
-MAKE_PRM = "`align prm --config configs/prm/quickstart.yaml` (after `align sft --config configs/sft/quickstart.yaml`)"
+from align.model_paths import MAKE_PRM, MAKE_RM, check_model_path
 
 if TYPE_CHECKING:
     from align.rollout.generation import Generator
