@@ -311,7 +311,12 @@ class StepSamplesConfig(PolicySamplingConfig):
     labels: Literal["auto", "rule", "completion"] = "auto"
     completions: int = bounded(4, ge=1)  # continuations sampled per step prefix (completion labels)
     soft_labels: bool = False  # completion labels: the share of right continuations instead of any-right
-    eval_prompts: int = bounded(0, ge=0)  # held-out prompts sampled and labelled the same way, for the step metrics
+    eval_prompts: int = bounded(0, ge=0)  # held-out synthetic prompts sampled and labelled the same way, for the step metrics
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.prompts_path and self.eval_prompts:  # a prompts file has no held-out split: its first rows would be trained on too
+            return [("eval_prompts", "must be 0 with prompts_path (a prompts file has no held-out split); give data.eval step-labelled files")]
+        return []
 
 
 @dataclasses.dataclass

@@ -245,6 +245,8 @@ def test_prm_recipe_errors_are_one_line(tmp_path):
         load_recipe(PRMRecipe, None, [])
     with pytest.raises(ConfigError, match="prm.step_separator: .* is not a valid regular expression"):
         load_recipe(PRMRecipe, None, ["prm.samples.enabled=true", "prm.step_separator=(["])
+    with pytest.raises(ConfigError, match="prm.samples.eval_prompts: must be 0 with prompts_path"):
+        load_recipe(PRMRecipe, None, ["prm.samples.enabled=true", "prm.samples.prompts_path=p.jsonl", "prm.samples.eval_prompts=5"])
     proc = subprocess.run([*ALIGN, "prm", "--config", str(ROOT / "configs" / "prm" / "quickstart.yaml"), "--set", "prm.loss=bradley_terry",
                            "--set", "model.name_or_path=builtin:tiny"],
                           capture_output=True, text=True, env=run_env(tmp_path), cwd=tmp_path)  # fmt: skip
