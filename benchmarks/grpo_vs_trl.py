@@ -21,9 +21,8 @@ Both sides train the same policy on the same prompts with the same reward, group
   gradient clipping 1.0; fp32 on CPU; `--threads` torch threads (2); no gradient checkpointing; no logging, eval,
   saving or progress bars;
 - generation: HF `generate` on both (TRL `use_vllm=False`), all 128 completions of an iteration in one call (align
-  `ppo.generation_batch_size` 64 prompts ≥ 16; TRL `generation_batch_size=128`). Sampling uses top-k 50 on both: align's
-  `HFGenerator` does not pass `top_k`, so transformers' global default (50) applies; TRL is given `top_k=50` to sample
-  from the same distribution (its default is 0, no top-k).
+  `ppo.generation_batch_size` 64 prompts ≥ 16; TRL `generation_batch_size=128`). Sampling is from the full distribution
+  on both (no top-k: align's `SamplingParams.top_k` 0, TRL's default `top_k=0`).
 
 TRL configuration: `per_device_train_batch_size=32, gradient_accumulation_steps=4, generation_batch_size=128`
 (so `steps_per_generation=4`: one generate call per optimizer step, split into 4 micro-batches of 32 completions,
@@ -182,7 +181,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = GRPOConfig(
         output_dir=str(work / "trl"), max_steps=args.warmup + args.iterations, per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation, generation_batch_size=per, num_generations=args.samples,
-        max_completion_length=args.max_new_tokens, temperature=r.ppo.temperature, top_p=r.ppo.top_p, top_k=50, beta=0.0,
+        max_completion_length=args.max_new_tokens, temperature=r.ppo.temperature, top_p=r.ppo.top_p, top_k=0, beta=0.0,
         num_iterations=1, epsilon=r.ppo.clip, loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
         learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps,
         optim="adamw_torch", max_grad_norm=o.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0, seed=args.seed,
