@@ -7,9 +7,7 @@ may stop at different lengths without waiting on each other.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +16,8 @@ from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase
 
 from align.rollout.generation import HFGenerator, SamplingParams
+from data_builders.bad_rows import BadRowError
+from data_builders.readers import read_rows
 from data_builders.synthetic import SyntheticTask
 from rewards.verifiers import task_score
 
@@ -28,9 +28,14 @@ def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "he
     A row without a `uid` gets `prompt-<index in the file>` here, before any rank takes its shard, so a prompt's id
     (which groups its samples in the rollout buffer) is the same on every rank and never collides across ranks.
     """
-    if path:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        return [{**row, "uid": str(row.get("uid") or f"prompt-{i}")} for i, row in enumerate(rows[:num_prompts])]
+    if path:  # read like every data file: a missing, empty, non-UTF-8 or non-JSON file or row is one clear error naming it
+        rows = []
+        for origin, row, raw in read_rows(path, max_rows=num_prompts):
+            if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list) or not raw["messages"]:
+                raise BadRowError(origin, row, "messages", "a prompt row needs a non-empty `messages` list (and optionally "
+                                  "condition, answer, unsafe, uid)")  # fmt: skip
+            rows.append(raw)
+        return [{**row, "uid": str(row.get("uid") or f"prompt-{i}")} for i, row in enumerate(rows)]
     task = SyntheticTask(synthetic.seed, synthetic.digits, synthetic.concise_share, synthetic.system_share)
     return task.rl_prompts(num_prompts, split=split)
 

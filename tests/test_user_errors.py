@@ -291,3 +291,23 @@ def test_load_tokenizer_names_a_missing_path(tmp_path):
 
     with pytest.raises(MissingPathError, match=rf"model.tokenizer '{tmp_path}/tok' does not exist"):
         load_tokenizer(ModelConfig(name_or_path="builtin:tiny", tokenizer=str(Path(tmp_path) / "tok")))
+
+
+def test_a_prompts_file_is_read_like_every_data_file(tmp_path):
+    """RLHF / eval / bon / sampling prompt files: a bad line or a row without messages names file and row (it was a
+    bare JSONDecodeError traceback); good rows get their uid before sharding."""
+    from align.evaluation import load_prompts
+    from data_builders.readers import EmptyDataError
+
+    good = {"messages": [{"role": "user", "content": "1+1?"}], "answer": 2}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(BadRowError, match=rf"{path}: row 2: field '<json>': invalid JSON"):
+        load_prompts(str(path), None, 10)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "no messages"}) + "\n")
+    with pytest.raises(BadRowError, match=rf"{path}: row 2: field 'messages': a prompt row needs a non-empty `messages` list"):
+        load_prompts(str(path), None, 10)
+    assert [p["uid"] for p in load_prompts(str(path), None, 1)] == ["prompt-0"]  # only the rows asked for are read
+    path.write_text("")
+    with pytest.raises(EmptyDataError, match="data file is empty"):
+        load_prompts(str(path), None, 10)
