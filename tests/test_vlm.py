@@ -21,7 +21,7 @@ from align.losses.logprobs import target_logprobs
 from data_builders.bad_rows import BadRowPolicy
 from data_builders.packing import collate_rows
 from data_builders.sft_data import build_samples
-from tests.conftest import ROOT
+from tests.conftest import ALIGN, ROOT
 
 TINY = "builtin:internvl-tiny"
 
@@ -159,8 +159,16 @@ def test_zero3_ranks_with_and_without_images_both_run_the_vision_tower(tmp_path)
             "--set", f"output_dir={out}", "--set", f"data.train=[{{path: {data}}}]", "--set", "data.packing=false",
             "--set", "data.max_length=128", "--set", "data.images.max_tiles=4", "--set", "train.micro_batch_size=1",
             "--set", "train.global_batch_size=2", "--set", "train.max_steps=2", "--set", "eval.enabled=false",
-            "--set", "logging.wandb=false", "--set", "logging.progress=false"]  # fmt: skip
+            "--set", "logging.wandb=false", "--set", "logging.progress=false", "--set", "train.log_every=1"]  # fmt: skip
     proc = subprocess.run(launcher + args, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-30000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["deepspeed"] is True and summary["steps"] == 2
+    # and the same steps in one process (both rows in one micro-batch step): the idle tile changes no loss
+    one = tmp_path / "one"
+    single = [a.replace(str(out), str(one)) for a in args] + ["--set", "train.log_every=1"]
+    assert subprocess.run(ALIGN + single, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=150).returncode == 0
+    two = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    ones = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert len(two) == len(ones) == 2
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(ones), rtol=1e-5, atol=1e-5)
