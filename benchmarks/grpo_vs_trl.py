@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -65,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import REPO, run_json_process  # noqa: E402
+from sft_vs_trl import REPO, run_json_process, side_result  # noqa: E402
 
 GRPO_QUICKSTART = REPO / "configs" / "rlhf" / "grpo_quickstart.yaml"
 SFT_MODEL = REPO / "runs" / "sft-quickstart" / "model"
@@ -243,9 +242,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix=f"grpo_vs_trl_{args.child}_") as tmp:
-        result = (run_align if args.child == "align" else run_trl)(args, Path(tmp))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result = side_result(args, run_align, run_trl, "grpo_vs_trl")
     Path(args.out).write_text(json.dumps(result))
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rm_vs_trl import digest, pair_benchmark_parser  # noqa: E402
-from sft_vs_trl import REPO, align_step_times, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, run_child, side_result, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 REFERENCES = ("live", "precomputed")
 
@@ -200,9 +199,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix=f"mpo_vs_trl_{args.child}_") as tmp:
-        result = (run_align if args.child == "align" else run_trl)(args, Path(tmp))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result = side_result(args, run_align, run_trl, "mpo_vs_trl")
     Path(args.out).write_text(json.dumps(result))
 
 

@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import REPO, align_step_times, run_child, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, run_child, side_result, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 
 def pair_benchmark_parser(doc: str, steps_help: str, warmup: int, lr: float, max_length_help: str) -> argparse.ArgumentParser:
@@ -196,9 +195,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix=f"rm_vs_trl_{args.child}_") as tmp:
-        result = (run_align if args.child == "align" else run_trl)(args, Path(tmp))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result = side_result(args, run_align, run_trl, "rm_vs_trl")
     from align.builtin import builtin_shape
 
     result["shape"] = builtin_shape(args.model)

@@ -200,12 +200,18 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
+def side_result(args: argparse.Namespace, run_align: Any, run_trl: Any, prefix: str) -> dict[str, Any]:
+    """One benchmark side (`args.child`) in its own temp dir, with this process's peak RSS: every `*_vs_trl` child."""
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}_{args.child}_") as tmp:
+        result = (run_align if args.child == "align" else run_trl)(args, Path(tmp))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    with tempfile.TemporaryDirectory(prefix=f"sft_vs_trl_{args.child}_") as tmp:
-        result = (run_align if args.child == "align" else run_trl)(args, Path(tmp))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result = side_result(args, run_align, run_trl, "sft_vs_trl")
     if args.device == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
