@@ -9,6 +9,7 @@ the `ImageText` the data builders render image rows with.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,9 +31,13 @@ def is_vision_language(cfg: ModelConfig) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def has_vision(model: torch.nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner.config, "vision_config", None) is not None
+    return getattr(_base(model).config, "vision_config", None) is not None
 
 
 def image_text_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, images: ImagesConfig | None) -> ImageText | None:
@@ -44,9 +49,7 @@ def image_config(images: ImagesConfig | None) -> ImageConfig:
     """The recipe's `data.images` as the data builders' frozen config."""
     if images is None:
         return ImageConfig()
-    fields = {k: getattr(images, k) for k in ("tile_size", "min_tiles", "max_tiles", "thumbnail", "tokens_per_tile", "start_token",
-                                                "context_token", "end_token")}  # fmt: skip
-    return ImageConfig(**fields, mean=tuple(images.mean), std=tuple(images.std))
+    return ImageConfig(**{**dataclasses.asdict(images), "mean": tuple(images.mean), "std": tuple(images.std)})
 
 
 def builtin_vlm(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, seed: int) -> torch.nn.Module:
@@ -79,7 +82,7 @@ def load_vision_language(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, d
 def prepare_images(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, images: ImagesConfig | None) -> ImageText:
     """Image tokens in the tokenizer (added if missing, embeddings resized), the model told which one is the image's,
     and the tiling/token counts the model's vision side defines (tile side, tokens per tile)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _base(model)
     text = ImageText.internvl(tokenizer, image_config_for(inner.config, image_config(images), tokenizer))
     if len(tokenizer) > inner.get_input_embeddings().num_embeddings:
         inner.resize_token_embeddings(len(tokenizer))
@@ -99,7 +102,7 @@ def keep_vision_in_step(model: torch.nn.Module) -> None:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _base(model)
     vision = getattr(getattr(inner, "config", None), "vision_config", None)
     language = getattr(getattr(inner, "model", None), "language_model", None)
     if vision is None or language is None or not hasattr(inner, "get_image_features"):
@@ -113,7 +116,8 @@ def keep_vision_in_step(model: torch.nn.Module) -> None:
 
     def idle_tile(_module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        if state["images"] or embeds is None:
+        # generation runs on whole (gathered) weights with a KV cache: no collective to pair up, so no idle tile per token
+        if state["images"] or embeds is None or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             return None
         out = inner.get_image_features(pixel_values=torch.zeros(1, 3, size, size, device=embeds.device),
                                        vision_feature_layer=getattr(inner.config, "vision_feature_layer", -1),
