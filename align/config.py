@@ -488,10 +488,13 @@ class PPOConfig:
         return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.advantage_estimator == "grpo")
 
     @property
+    def uses_process_reward_model(self) -> bool:
+        return any("prm" in route for route in self.routes.values())
+
+    @property
     def dense_process_rewards(self) -> bool:
         """Step scores as token rewards: only estimators that sum rewards per token (GAE, REINFORCE++'s returns) can use them."""
-        uses_prm = any("prm" in route for route in self.routes.values())
-        return uses_prm and self.prm_rewards == "steps" and self.advantage_estimator in ("gae", "reinforce_baseline")
+        return self.uses_process_reward_model and self.prm_rewards == "steps" and self.advantage_estimator in ("gae", "reinforce_baseline")
 
     @property
     def uses_reward_model(self) -> bool:
@@ -502,7 +505,7 @@ class PPOConfig:
         if self.reward_model is None and self.uses_reward_model:
             why = "the gae critic starts from it" if self.uses_critic else ("the fast path updates it" if self.rm_update_steps else "ppo.routes use 'rm'")
             out.append(("reward_model", f"is null but {why}; give a reward model, or a critic-free estimator with verifier-only routes"))
-        if self.process_reward_model is None and any("prm" in route for route in self.routes.values()):
+        if self.process_reward_model is None and self.uses_process_reward_model:
             out.append(("process_reward_model", "is null but ppo.routes use 'prm'; give a process reward model from `align prm`"))
         if not self.uses_critic and self.samples_per_prompt < 2:
             out.append(("samples_per_prompt", f"must be >= 2 for {self.advantage_estimator}: its baseline is the prompt's other samples, "

@@ -39,24 +39,31 @@ def image_rows(tmp_path, n: int = 2) -> str:
     return str(path)
 
 
-@torch.no_grad()
-def test_packed_image_conversations_equal_separate_forwards(tmp_path):
+def tiny_vlm():
+    """The built-in tiny InternVL in eval mode, its tokenizer with the image tokens, and the `ImageText` it renders with."""
     cfg = ModelConfig(name_or_path=TINY, attn_implementation="sdpa")
     tok = load_tokenizer(cfg)
     model = load_causal_lm(cfg, tok, torch.float32).eval()
+    return model, tok, prepare_images(model, tok, ImagesConfig(max_tiles=4))
+
+
+def plain_logprobs(model, ids: list[int], pixels: torch.Tensor) -> torch.Tensor:
+    """(len(ids) − 1,) log p(ids[t] | ids[:t]) from the model's own forward of this sequence alone, with its own tiles."""
+    logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float().log_softmax(-1)
+    return logits[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+@torch.no_grad()
+def test_packed_image_conversations_equal_separate_forwards(tmp_path):
+    model, tok, images = tiny_vlm()
     assert has_vision(model)
-    images = prepare_images(model, tok, ImagesConfig(max_tiles=4))
     assert images.config.tile_size == 56 and images.config.tokens_per_tile == 4  # read from the model's vision side
     data = DataConfig(train=[SourceConfig(path=image_rows(tmp_path, 3))], max_length=256)
     samples, _ = build_samples(data.train, data, tok, BadRowPolicy("error"), "train", images=images)
     assert [s.tiles for s in samples] == [[3], [1], [3]]  # 2:1 → 2 tiles + thumbnail; 1:1 → 1 tile
     batch = collate_rows([samples], tok.pad_token_id)  # one packed row, three documents, seven tiles
     logprobs, _ = target_logprobs(model, batch)
-    expected = []
-    for s in samples:
-        logits = model(input_ids=torch.tensor([s.input_ids]), pixel_values=s.pixels()).logits[0].float().log_softmax(-1)
-        targets, kept = torch.tensor(s.input_ids[1:]), torch.tensor(s.loss_mask[1:]).bool()
-        expected.append(logits[:-1][torch.arange(len(targets)), targets][kept])
+    expected = [plain_logprobs(model, s.input_ids, s.pixels())[torch.tensor(s.loss_mask[1:]).bool()] for s in samples]
     torch.testing.assert_close(logprobs, torch.cat(expected), rtol=0, atol=1e-5)
     # the tiles matter: other pictures give other log-probs
     batch.pixel_values = batch.pixel_values.flip(0)
@@ -101,10 +108,7 @@ def test_image_preference_pairs_share_the_prompt_image_and_equal_separate_forwar
     from align.trainers.mpo import collate_preference, sequence_logprobs
     from data_builders.preference_data import build_preference_pairs
 
-    cfg = ModelConfig(name_or_path=TINY, attn_implementation="sdpa")
-    tok = load_tokenizer(cfg)
-    model = load_causal_lm(cfg, tok, torch.float32).eval()
-    images = prepare_images(model, tok, ImagesConfig(max_tiles=4))
+    model, tok, images = tiny_vlm()
     data = DataConfig(train=[SourceConfig(path=preference_rows(tmp_path))], max_length=256)
     pairs = build_preference_pairs(data.train, data, tok, BadRowPolicy("error"), "train", images=images)
     assert [len(p.images) for p in pairs] == [1, 1, 1]
@@ -116,9 +120,7 @@ def test_image_preference_pairs_share_the_prompt_image_and_equal_separate_forwar
         for k, pair in enumerate(pairs):
             pixels = pair.images[0].pixels()
             for side, ids in enumerate((pair.chosen, pair.rejected)):
-                logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float().log_softmax(-1)
-                start = pair.prompt_length
-                expected = logits[torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum()
+                expected = plain_logprobs(model, ids, pixels)[pair.prompt_length - 1 :].sum()  # the response's tokens
                 torch.testing.assert_close(sums[k, side], expected, rtol=0, atol=1e-4)
 
 

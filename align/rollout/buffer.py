@@ -65,6 +65,16 @@ class Rollout:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in STEP_FIELDS}
 
 
+def global_sums(values: torch.Tensor, accelerator: Any = None) -> tuple[float, float, float]:
+    """(sum, sum of squares, count) of host `values` over every rank, in fp64 with one all-reduce (moments, whitening)."""
+    flat = values.double().flatten()
+    stats = torch.stack([flat.sum(), (flat**2).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64, device="cpu")])
+    if accelerator is not None and accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
+    total, squares, count = stats.tolist()
+    return total, squares, count
+
+
 class RolloutBuffer:
     def __init__(self, rollouts: Iterable[Rollout] = ()):
         self.rollouts: list[Rollout] = list(rollouts)
@@ -110,11 +120,7 @@ class RolloutBuffer:
     def normalize_advantages(self, accelerator: Any = None, eps: float = 1e-8) -> tuple[float, float]:
         """Whiten advantages over every response token on every rank (sum, sum of squares and count all-reduced)."""
         values = [r.advantages for r in self.rollouts if r.advantages is not None]
-        flat = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64, device="cpu")
-        stats = torch.stack([flat.sum(), (flat**2).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64, device="cpu")])
-        if accelerator is not None and accelerator.num_processes > 1:
-            stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
-        total, squares, count = stats.tolist()
+        total, squares, count = global_sums(torch.cat(values) if values else torch.zeros(0, device="cpu"), accelerator)
         if count == 0:
             return 0.0, 1.0
         mean = total / count

@@ -91,15 +91,25 @@ def assign_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, kl_coef
 
     Returns each rollout's summed KL estimate.
     """
+    kl, mask = token_kl(rollouts, estimator)
+    values, _ = pad_tokens([r.values for r in rollouts])
+    advantages, returns = gae(with_dense(token_rewards(scores, kl, mask, kl_coef), dense), values, mask, gamma, lam)
+    write_back(rollouts, advantages, returns)
+    return kl.sum(-1)
+
+
+def token_kl(rollouts: Sequence[Rollout], estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, tokens) KL(π‖π_ref) estimate per response token from the stored log-probs, and the response mask."""
     logprobs, mask = pad_tokens([r.logprobs for r in rollouts])
     ref, _ = pad_tokens([r.ref_logprobs for r in rollouts])
-    values, _ = pad_tokens([r.values for r in rollouts])
-    kl = kl_estimate(logprobs, ref, estimator) * mask
-    advantages, returns = gae(with_dense(token_rewards(scores, kl, mask, kl_coef), dense), values, mask, gamma, lam)
+    return kl_estimate(logprobs, ref, estimator) * mask, mask
+
+
+def write_back(rollouts: Sequence[Rollout], advantages: torch.Tensor, returns: torch.Tensor) -> None:
+    """Each rollout's row of the padded (batch, tokens) advantages and returns, unpadded, as its step-level fields."""
     for i, r in enumerate(rollouts):
         n = len(r.response_ids)
         r.advantages, r.returns = advantages[i, :n].clone(), returns[i, :n].clone()
-    return kl.sum(-1)
 
 
 def with_dense(rewards: torch.Tensor, dense: Sequence[torch.Tensor] | None) -> torch.Tensor:
@@ -122,9 +132,7 @@ def assign_group_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, e
     reinforce_baseline: r − group mean at the last token, −kl_coef·KL per token (+ `dense` rewards), returns to go
     (whitened by the caller).
     """
-    logprobs, mask = pad_tokens([r.logprobs for r in rollouts])
-    ref, _ = pad_tokens([r.ref_logprobs for r in rollouts])
-    kl = kl_estimate(logprobs, ref, kl_estimator) * mask
+    kl, mask = token_kl(rollouts, kl_estimator)
     if estimator == "reinforce_baseline":
         rewards = with_dense(token_rewards(group_centred(scores.float(), group_size), kl, mask, kl_coef), dense)
         advantages = returns_to_go(rewards, mask, gamma)
@@ -137,8 +145,5 @@ def assign_group_advantages(rollouts: Sequence[Rollout], scores: torch.Tensor, e
         else:
             raise ValueError(f"unknown critic-free estimator {estimator!r}")
         advantages = per_sequence[:, None] * mask
-    for i, r in enumerate(rollouts):
-        n = len(r.response_ids)
-        r.advantages = advantages[i, :n].clone()
-        r.returns = r.advantages.clone()  # no critic: nothing regresses on them, kept for the buffer's one record shape
+    write_back(rollouts, advantages, advantages)  # no critic: the returns are the advantages (the buffer's one record shape)
     return kl.sum(-1)

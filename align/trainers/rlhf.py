@@ -54,7 +54,7 @@ from align.losses.logprobs import target_logprobs
 from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
 from align.model_paths import MAKE_PRM, MAKE_RM, check_model_path
 from align.reward_model_info import RewardModelInfo, reward_token_id
-from align.rollout.buffer import RolloutBuffer
+from align.rollout.buffer import RolloutBuffer, global_sums
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
 from align.rollout.experience import (
@@ -203,7 +203,7 @@ class RLHFTrainer:
     def _process_scorer(self, actor: torch.nn.Module) -> ProcessRewardScorer | None:
         """The PRM behind the routes' `prm` component (a frozen whole replica, as the RM), or None when no route uses one."""
         ppo, engine = self.ppo, self.engine
-        if not any("prm" in route for route in ppo.routes.values()):
+        if not ppo.uses_process_reward_model:
             return None
         check_model_path(ppo.process_reward_model, "ppo.process_reward_model", MAKE_PRM)
         cfg = ModelConfig(name_or_path=ppo.process_reward_model, trust_remote_code=self.recipe.model.trust_remote_code,
@@ -286,10 +286,7 @@ class RLHFTrainer:
             scores = scores + truncated.float() * ppo.truncation_penalty
         trained = torch.tensor([self._trained(r) for r in rollouts], device="cpu")
         if ppo.normalize_reward:
-            kept = scores[trained].double()
-            sums = torch.stack([kept.sum(), (kept**2).sum(), torch.tensor(float(kept.numel()), dtype=torch.float64, device="cpu")])
-            sums = engine.accelerator.reduce(sums.to(engine.device), "sum").cpu() if engine.world_size > 1 else sums
-            self.moments.update(*sums.tolist())
+            self.moments.update(*global_sums(scores[trained], engine.accelerator))
             scores = self.moments.normalize(scores)
         timings["score"] = time.perf_counter() - start
 
@@ -410,8 +407,7 @@ class RLHFTrainer:
 
     def _batch_std(self, scores: torch.Tensor) -> float:
         """The (Bessel-corrected) std of `scores` over every rank: GRPO's `scale_rewards: batch`."""
-        local = torch.stack([scores.double().sum(), (scores.double() ** 2).sum(), torch.tensor(float(scores.numel()), dtype=torch.float64, device="cpu")])
-        total, squares, count = (self.engine.accelerator.reduce(local.to(self.engine.device), "sum").cpu() if self.engine.world_size > 1 else local).tolist()
+        total, squares, count = global_sums(scores, self.engine.accelerator)
         return max((squares - total * total / count) / max(count - 1, 1.0), 0.0) ** 0.5
 
     def micro_loss(self, item: tuple[PPOBatch, Any], total_tokens: float, total_ptx: float, actor_on: bool) -> tuple[torch.Tensor, dict]:
