@@ -8,6 +8,7 @@ import torch
 
 from align.rollout.buffer import Rollout
 from align.rollout.experience import assign_advantages
+from align.rollout.process_rewards import dense_step_rewards, outcome_reward
 
 WEIGHT = 0.5
 
@@ -48,14 +49,14 @@ def test_prm_step_scores_are_token_rewards_and_leave_the_sequence_score(tmp_path
     assert trainer.ppo.dense_process_rewards and trainer.router.process_scorer is not None
     trainer.run_iteration(0)
     rollouts = trainer.buffer.rollouts
-    dense = trainer.dense_step_rewards(rollouts)
+    dense = dense_step_rewards(trainer.router, rollouts)
     scorer, separator = trainer.router.process_scorer, trainer.router.process_scorer.info.step_separator
     samples = [{"condition": r.condition or "default", "prompt": r.prompt, "response": r.response} for r in rollouts]
     for r, tokens, probabilities in zip(rollouts, dense, scorer.step_scores(samples), strict=True):
         assert len(tokens) == len(r.response_ids)
         assert int((tokens != 0).sum()) <= len(step_spans(r.response, separator)) + 1  # one closing token per step (+ end of turn)
         assert float(tokens.sum()) == pytest.approx(WEIGHT * sum(probabilities), abs=1e-5)
-        assert trainer._outcome_reward(r) == pytest.approx(r.reward - WEIGHT * r.reward_parts["prm"])
+        assert outcome_reward(trainer.router, r, trainer.ppo.dense_process_rewards) == pytest.approx(r.reward - WEIGHT * r.reward_parts["prm"])
         assert r.reward_parts["prm"] == pytest.approx(sum(probabilities) / len(probabilities), abs=1e-5)  # the mean aggregate
 
 

@@ -52,7 +52,7 @@ from align.evaluation import load_prompts
 from align.losses.advantages import k3_kl, token_loss_weights
 from align.losses.logprobs import target_logprobs
 from align.losses.ppo import RunningMoments, explained_variance, policy_loss_tokens, value_loss_tokens
-from align.model_paths import MAKE_PRM, MAKE_RM, check_model_path
+from align.model_paths import MAKE_RM, check_model_path
 from align.reward_model_info import RewardModelInfo, reward_token_id
 from align.rollout.buffer import RolloutBuffer, global_sums
 from align.rollout.collect import collect_rollouts
@@ -66,6 +66,7 @@ from align.rollout.experience import (
     critic_values,
 )
 from align.rollout.generation import HFGenerator, SamplingParams
+from align.rollout.process_rewards import dense_step_rewards, load_process_scorer, outcome_reward
 from align.run_state import check_run_dir, prepare_run_dir, recipe_fingerprint
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
 from align.trainers.rm_update import comparison_pairs, read_comparison_files, update_reward_model
@@ -73,7 +74,6 @@ from data_builders.bad_rows import BadRowPolicy
 from data_builders.errors import UserError
 from data_builders.packing import build_rows, collate_rows
 from data_builders.sft_data import build_samples
-from rewards.prm import PRMInfo, ProcessRewardScorer
 from rewards.router import RewardRouter
 from rewards.verifiers import task_score
 
@@ -175,7 +175,8 @@ class RLHFTrainer:
         # short rows: CPU attention computes each row's whole length × length block, masked or not
         self.router = RewardRouter(ppo.routes, self.reward_model, tok, self.conditions, stats, self.reward_token_id,
                                    row_tokens=self._row_tokens(), autocast_dtype=engine.dtype,
-                                   process_scorer=self._process_scorer(actor))  # fmt: skip
+                                   process_scorer=load_process_scorer(ppo, recipe.model, tok, engine.device, engine.dtype,
+                                                                      actor.config.vocab_size, self._row_tokens()))  # fmt: skip
 
         self.prompts = load_prompts(ppo.prompts_path, recipe.data.synthetic, ppo.num_prompts, split="train")
         self.eval_problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts) if recipe.eval.enabled else []
@@ -199,39 +200,6 @@ class RLHFTrainer:
         self.scheduler = scheduler
         self.buffer = RolloutBuffer()
         self.checkpointer = Checkpointer(engine.accelerator, engine.run_dir / "checkpoints", recipe.train.keep_last)
-
-    def _process_scorer(self, actor: torch.nn.Module) -> ProcessRewardScorer | None:
-        """The PRM behind the routes' `prm` component (a frozen whole replica, as the RM), or None when no route uses one."""
-        ppo, engine = self.ppo, self.engine
-        if not ppo.uses_process_reward_model:
-            return None
-        check_model_path(ppo.process_reward_model, "ppo.process_reward_model", MAKE_PRM)
-        cfg = ModelConfig(name_or_path=ppo.process_reward_model, trust_remote_code=self.recipe.model.trust_remote_code,
-                          attn_implementation=self.recipe.model.attn_implementation)  # fmt: skip
-        with without_zero3_init():
-            prm = load_reward_model(cfg, self.tokenizer, engine.dtype).to(engine.device).eval().requires_grad_(False)
-        if prm.config.vocab_size != actor.config.vocab_size:
-            raise UserError(f"ppo.process_reward_model has vocabulary {prm.config.vocab_size}, the policy {actor.config.vocab_size}: its step "
-                             "scores land on the policy's tokens, so they must share a tokenizer")  # fmt: skip
-        return ProcessRewardScorer(prm, self.tokenizer, PRMInfo.read(ppo.process_reward_model), ppo.prm_aggregation,
-                                   row_tokens=self._row_tokens(), autocast_dtype=engine.dtype)  # fmt: skip
-
-    def dense_step_rewards(self, rollouts: list) -> list[torch.Tensor]:
-        """Per rollout, per response token: the route's prm weight × P(good step) on each step's closing token, else 0."""
-        out = [torch.zeros(len(r.response_ids), device="cpu") for r in rollouts]
-        picked = [i for i, r in enumerate(rollouts) if "prm" in self.router.route(r.condition or "default")]
-        samples = [{"condition": rollouts[i].condition or "default", "prompt": rollouts[i].prompt, "response": rollouts[i].response} for i in picked]
-        for i, steps in zip(picked, self.router.process_scorer.step_token_rewards(samples) if samples else [], strict=True):
-            weight, last = self.router.route(rollouts[i].condition or "default")["prm"], len(rollouts[i].response_ids) - 1
-            for token, probability in steps:
-                out[i][min(max(token, 0), last)] += weight * probability
-        return out
-
-    def _outcome_reward(self, rollout) -> float:
-        """The sequence-level reward: the router's total, less the PRM's aggregate when its steps are token rewards instead."""
-        if not self.ppo.dense_process_rewards or "prm" not in rollout.reward_parts:
-            return rollout.reward
-        return rollout.reward - self.router.route(rollout.condition or "default")["prm"] * rollout.reward_parts["prm"]
 
     @property
     def updates_reward_model(self) -> bool:
@@ -279,8 +247,9 @@ class RLHFTrainer:
         round_index = iteration // ppo.iterations_per_round
         rollouts = collect_rollouts(_Replay(generations), self.router, problems, params, round_index, iteration)
         raw = torch.tensor([r.reward for r in rollouts], device="cpu")
-        scores = torch.tensor([self._outcome_reward(r) for r in rollouts], device="cpu").clamp(-ppo.reward_clip, ppo.reward_clip)
-        dense = self.dense_step_rewards(rollouts) if ppo.dense_process_rewards else None  # the PRM's steps, on their tokens
+        outcome = [outcome_reward(self.router, r, ppo.dense_process_rewards) for r in rollouts]
+        scores = torch.tensor(outcome, device="cpu").clamp(-ppo.reward_clip, ppo.reward_clip)
+        dense = dense_step_rewards(self.router, rollouts) if ppo.dense_process_rewards else None  # the PRM's steps, on their tokens
         truncated = torch.tensor([r.truncated for r in rollouts], device="cpu")
         if ppo.truncated == "penalty":
             scores = scores + truncated.float() * ppo.truncation_penalty
