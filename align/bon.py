@@ -175,17 +175,19 @@ class BestOfN:
 
     def setup(self) -> None:
         from align.engine.models import load_causal_lm, load_reward_model, load_tokenizer, without_zero3_init
+        from align.engine.vision import image_text_for
         from align.evaluation import load_prompts
         from align.reward_model_info import RewardModelInfo, reward_token_id
         from rewards.router import RewardRouter
 
         recipe, bon, engine = self.recipe, self.bon, self.engine
         self.tokenizer = load_tokenizer(recipe.model)
-        reward_model, rm_tokenizer, stats, conditions = None, self.tokenizer, {}, recipe.reward.conditions
+        reward_model, rm_tokenizer, stats, conditions, rm_images = None, self.tokenizer, {}, recipe.reward.conditions, None
         token = recipe.reward.reward_token
         # whole replicas on every rank, even under a ZeRO-3 launch: ranks generate and score on their own, never waiting on each other
         with without_zero3_init():
             self.policy = load_causal_lm(recipe.model, self.tokenizer, engine.dtype, seed=recipe.train.seed).to(engine.device).eval()
+            self.images = image_text_for(self.policy, self.tokenizer, recipe.data.images)  # a VLM: prompts may carry images
             if any("rm" in route for route in bon.routes.values()):
                 rm_cfg = ModelConfig(name_or_path=bon.reward_model, trust_remote_code=recipe.model.trust_remote_code,
                                      attn_implementation=recipe.model.attn_implementation)  # fmt: skip
@@ -195,10 +197,12 @@ class BestOfN:
                 info = RewardModelInfo.read(bon.reward_model)
                 info.check_conditions(conditions, bon.reward_model)
                 stats, token = info.stats, info.resolve_reward_token(recipe.reward.reward_token, bon.reward_model)
+                # a VLM reward model: image prompts become its tokens and tiles as in `align rm` (its trained tiling)
+                rm_images = image_text_for(reward_model, rm_tokenizer, info.images_config(recipe.data.images))
             scorer = self.process_scorer() if any("prm" in route for route in bon.routes.values()) else None
         token_id = reward_token_id(rm_tokenizer, token)
         self.router = RewardRouter(bon.routes, reward_model, rm_tokenizer, conditions, stats, reward_token_id=token_id, row_tokens=bon.row_tokens,
-                                   process_scorer=scorer)  # fmt: skip
+                                   process_scorer=scorer, images=rm_images)  # fmt: skip
         self.problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts)
         if not self.problems:
             raise ValueError("no held-out prompts (eval.num_prompts / eval.prompts_path)")
@@ -217,7 +221,7 @@ class BestOfN:
     def generator(self) -> Generator:
         from align.rollout.generation import HFGenerator
 
-        return HFGenerator(self.policy, self.tokenizer, self.engine.accelerator, self.recipe.eval.batch_size)
+        return HFGenerator(self.policy, self.tokenizer, self.engine.accelerator, self.recipe.eval.batch_size, images=self.images)
 
     def my_chunks(self) -> list[tuple[int, list[int]]]:
         """(chunk index, prompt indices) of this rank: fixed-size chunks dealt round-robin, the same for any world size."""

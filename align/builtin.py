@@ -21,6 +21,7 @@ CONFIGS: dict[str, dict] = {
 
 # A tiny InternVL (native transformers format: vision tower, pixel-shuffle projector, Qwen2 language model) for tests
 # and quickstarts of the image path: 56-px tiles of 4×4 patches, 4 tokens per tile after the 0.5 pixel shuffle.
+# `vlm-tiny` is the same model under the generic name.
 VLM_CONFIGS: dict[str, dict] = {
     "internvl-tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=[56, 56], patch_size=[14, 14]),
@@ -28,6 +29,7 @@ VLM_CONFIGS: dict[str, dict] = {
         image_seq_length=4,
     ),
 }
+VLM_CONFIGS["vlm-tiny"] = VLM_CONFIGS["internvl-tiny"]
 
 
 def is_builtin_vlm(name: str) -> bool:

@@ -152,6 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Task accuracy per condition of any model directory, hub name or built-in config."""
     from align.engine.core import Engine
     from align.engine.models import load_causal_lm, load_tokenizer
+    from align.engine.vision import image_text_for
     from align.evaluation import load_prompts, task_accuracy
 
     overrides = list(args.overrides)
@@ -166,8 +167,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine = Engine.create(recipe)
     tokenizer = load_tokenizer(recipe.model)
     model = load_causal_lm(recipe.model, tokenizer, engine.dtype).to(engine.device)
+    images = image_text_for(model, tokenizer, recipe.data.images)  # a VLM: prompts may carry images
     problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts)
-    result = task_accuracy(model, tokenizer, problems, engine.accelerator, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    result = task_accuracy(model, tokenizer, problems, engine.accelerator, recipe.eval.max_new_tokens, recipe.eval.batch_size, images)
     if engine.is_main:
         out = Path(recipe.output_dir) / "eval.json"
         out.write_text(json.dumps(result, indent=2))

@@ -47,6 +47,9 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
     gradient_checkpointing: bool = False
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    # parts of a vision-language model kept as loaded (InternVL's freeze_backbone / freeze_mlp / freeze_llm); the LM
+    # head goes with `language`
+    freeze: list[Literal["vision", "projector", "language"]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -61,12 +64,17 @@ class SourceConfig:
 
 @dataclasses.dataclass
 class SyntheticConfig:
+    """The built-in tasks: `arithmetic` (sums, `data_builders/synthetic.py`) or `visual` (questions about drawn shapes, for
+    vision-language models, `data_builders/visual_task.py`)."""
+
+    task: Literal["arithmetic", "visual"] = "arithmetic"
     seed: int = 0
     digits: int = bounded(3, ge=1)
     train_rows: int = bounded(6000, ge=1)
     eval_rows: int = bounded(300, ge=1)
     concise_share: float = bounded(0.7, **SHARE)
     system_share: float = bounded(0.5, **SHARE)  # SFT rows opening with a generic system prompt (robust to the RM's condition prompts)
+    image_size: int = bounded(56, ge=8)  # visual task: picture height (a quarter are twice as wide); builtin:internvl-tiny's tile is 56
 
 
 @dataclasses.dataclass
@@ -307,6 +315,8 @@ class PRMRecipe(RunRecipe):
     def problems(self) -> list[tuple[str, str]]:
         if not self.data.train and not self.prm.samples.enabled:
             return [("data.train", "is empty and prm.samples is off: give step-labelled files or set prm.samples.enabled: true")]
+        if self.data.synthetic.task != "arithmetic":
+            return [("data.synthetic.task", f"step labels exist for the arithmetic task only (its column sums), got {self.data.synthetic.task!r}")]
         return []
 
 
@@ -360,6 +370,17 @@ class MPORecipe(RunRecipe):
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="runs/sft-quickstart/model"))
     mpo: MPOConfig = dataclasses.field(default_factory=MPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        uses_task = any(s.path == "synthetic" for s in (*self.data.train, *self.data.eval_sources())) or (
+            self.mpo.sampled_pairs.enabled and not self.mpo.sampled_pairs.prompts_path)
+        if uses_task and self.data.synthetic.task == "visual":  # fail now, not after sampling, on rows naming another condition
+            from data_builders.visual_task import CONDITIONS
+
+            missing = [c for c in CONDITIONS if c not in self.mpo.conditions]
+            if missing:
+                return [("mpo.conditions", f"the visual task's conditions {list(CONDITIONS)} must be listed; {missing} are not")]
+        return []
 
 
 def _rlhf_routes() -> dict[str, dict[str, float]]:
@@ -476,6 +497,12 @@ class RLHFRecipe(RunRecipe):
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)  # the RM's condition prompts
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.data.synthetic.task != "arithmetic":  # PPO's experience forward carries no tiles yet
+            return [("data.synthetic.task", "align rlhf trains on text prompts only so far; image prompts go through align mpo "
+                     "(sampled pairs) or align sft (rejection sampling)")]
+        return []
 
 
 RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "prm": PRMRecipe, "mpo": MPORecipe, "rlhf": RLHFRecipe}  # command → recipe type

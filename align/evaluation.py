@@ -17,13 +17,17 @@ from transformers import PreTrainedTokenizerBase
 
 from align.rollout.generation import HFGenerator, SamplingParams
 from data_builders.bad_rows import BadRowError
+from data_builders.conversations import row_images, with_image_parts
+from data_builders.image_tokens import ImageText
+from data_builders.images import base_dir_of
 from data_builders.readers import read_rows
-from data_builders.synthetic import SyntheticTask
+from data_builders.synthetic import make_task
 from rewards.verifiers import task_score
 
 
 def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "heldout") -> list[dict]:
-    """Prompts with ground truth: a JSONL file (messages, condition, answer, unsafe) or the synthetic suite's `split`.
+    """Prompts with ground truth: a JSONL file (messages, condition, answer, unsafe; images as OpenAI parts or a row's
+    `images` list with `<image>` markers) or the built-in task's `split`.
 
     A row without a `uid` gets `prompt-<index in the file>` here, before any rank takes its shard, so a prompt's id
     (which groups its samples in the rollout buffer) is the same on every rank and never collides across ranks.
@@ -34,9 +38,14 @@ def load_prompts(path: str | None, synthetic, num_prompts: int, split: str = "he
             if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list) or not raw["messages"]:
                 raise BadRowError(origin, row, "messages", "a prompt row needs a non-empty `messages` list (and optionally "
                                   "condition, answer, unsafe, uid)")  # fmt: skip
+            listed = row_images(raw, origin, row)
+            if listed or any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in raw["messages"]):
+                # images as self-contained parts: the prompt travels into rollouts and sampled rows, far from its file
+                raw = {k: v for k, v in raw.items() if k not in ("images", "image")}
+                raw["messages"] = with_image_parts(raw["messages"], listed, base_dir_of(origin), origin, row)
             rows.append(raw)
         return [{**row, "uid": str(row.get("uid") or f"prompt-{i}")} for i, row in enumerate(rows)]
-    task = SyntheticTask(synthetic.seed, synthetic.digits, synthetic.concise_share, synthetic.system_share)
+    task = make_task(synthetic)
     return task.rl_prompts(num_prompts, split=split)
 
 
@@ -51,9 +60,10 @@ def sample(
     temperature: float = 0.0,
     top_p: float = 1.0,
     prefixes: list[str] | None = None,
+    images: ImageText | None = None,
 ) -> list[list[str]]:
     """Texts of `n` completions per prompt for this rank's prompts (greedy at temperature 0); see `HFGenerator`."""
-    generator = HFGenerator(model, tokenizer, accelerator, batch_size)
+    generator = HFGenerator(model, tokenizer, accelerator, batch_size, images=images)
     out = generator.generate(prompts, SamplingParams(max_new_tokens, n, temperature, top_p), prefixes)
     return [[g.text for g in group] for group in out]
 
@@ -65,10 +75,11 @@ def task_accuracy(
     accelerator: Accelerator,
     max_new_tokens: int = 48,
     batch_size: int = 100,
+    images: ImageText | None = None,
 ) -> dict[str, Any]:
-    """{"accuracy", "accuracy_by_condition", "num_prompts", "samples"} over all ranks' prompts."""
+    """{"accuracy", "accuracy_by_condition", "num_prompts", "samples"} over all ranks' prompts (`images`: a VLM's image side)."""
     mine = problems[accelerator.process_index :: accelerator.num_processes]
-    texts = [t[0] for t in sample(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size)]  # greedy
+    texts = [t[0] for t in sample(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size, images=images)]
     scored = [
         {"condition": p.get("condition") or "default", "score": task_score(p, text), "response": text}
         for p, text in zip(mine, texts)

@@ -12,9 +12,11 @@ the images are resolved (`data_builders/image_tokens.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from data_builders.bad_rows import BadRowError
+from data_builders.images import is_raw_base64
 
 ROLES = ("system", "user", "assistant")
 IMAGE_MARKER = "<image>"  # where an image goes in a message's text (LLaVA / ShareGPT / InternVL convention)
@@ -106,6 +108,50 @@ def content_text(content: Any, origin: str, index: int, field_name: str, images:
                 raise BadRowError(origin, index, f"{field_name}[{j}].type", f"unsupported content part {kind!r}")
         return "".join(texts)
     raise BadRowError(origin, index, field_name, f"expected a string or a list of parts, got {type(content).__name__}")
+
+
+def text_messages(messages: list[dict], origin: str, index: int, field_name: str = "messages") -> tuple[list[dict], list]:
+    """{role, content} messages with text content (image parts become `<image>` markers) and their image values in order."""
+    images: list = []
+    out = [{"role": m["role"], "content": content_text(m["content"], origin, index, f"{field_name}[{i}].content", images)}
+           for i, m in enumerate(messages)]  # fmt: skip
+    return out, images
+
+
+def with_image_parts(messages: list[dict], images: list, base_dir: Path, origin: str, index: int) -> list[dict]:
+    """A prompt's messages with every image as an OpenAI part whose value stands on its own: `<image>` markers in text
+    take the row's `images` in order, and a relative path becomes absolute (from `base_dir`, the data file's directory).
+
+    Prompts travel beyond their file (into the rollout buffer, sampled preference rows, saved and read back), so an image
+    is made self-contained once, where the row is read.
+    """
+    queue = list(images)
+
+    def part_value(value: Any) -> Any:
+        if isinstance(value, str) and not value.startswith("data:") and not is_raw_base64(value) and not Path(value).expanduser().is_absolute():
+            return str(base_dir / value)
+        return value
+
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, str) and IMAGE_MARKER in content:
+            pieces = content.split(IMAGE_MARKER)
+            parts: list[dict] = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+            for piece in pieces[1:]:
+                if not queue:
+                    raise BadRowError(origin, index, f"messages[{i}].content", f"more {IMAGE_MARKER} markers than images")
+                parts.append({"type": "image", "image": part_value(queue.pop(0))})
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            content = parts
+        elif isinstance(content, list):
+            content = [{**part, "image": part_value(part.get("image") if part.get("image") is not None else queue.pop(0) if queue else None)}
+                       if isinstance(part, dict) and part.get("type") in ("image", "image_url") else part for part in content]  # fmt: skip
+        out.append({**m, "content": content})
+    if queue:
+        raise BadRowError(origin, index, "images", f"{len(images)} images but only {len(images) - len(queue)} {IMAGE_MARKER} markers or image parts")
+    return out
 
 
 def _openai_messages(messages: Any, origin: str, index: int) -> tuple[list[dict], list]:

@@ -214,6 +214,11 @@ def base_dir_of(origin: str) -> Path:
     return p if p.is_dir() else Path.cwd()
 
 
+def is_raw_base64(value: str) -> bool:
+    """A long string of base64 characters only: inline image data, not a path."""
+    return len(value) >= 64 and _BASE64.match(value) is not None
+
+
 def _inline_bytes(value: str) -> bytes | None:
     """The bytes of a `data:` URI or raw base64 string, else None (a path)."""
     if value.startswith("data:"):
@@ -224,7 +229,7 @@ def _inline_bytes(value: str) -> bytes | None:
             return base64.b64decode(body, validate=False)
         except binascii.Error as err:
             raise ValueError(f"its base64 does not decode ({err})") from None
-    if len(value) >= 64 and _BASE64.match(value):
+    if is_raw_base64(value):
         try:
             return base64.b64decode(value, validate=False)
         except binascii.Error:

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 from transformers import PreTrainedTokenizerBase
 
 from data_builders.bad_rows import BadRowError, BadRowPolicy, no_usable_rows
-from data_builders.conversations import content_text, merge_images, row_images
+from data_builders.conversations import merge_images, row_images, text_messages
 from data_builders.image_tokens import ImageText, check_fits
 from data_builders.readers import read_rows
 from data_builders.render import render_conversation, render_prompt, through_end_of_turn
-from data_builders.synthetic import SyntheticTask
+from data_builders.synthetic import make_task
 
 if TYPE_CHECKING:
     from align.config import DataConfig, SourceConfig
@@ -65,9 +65,7 @@ def _messages(value: Any, origin: str, row: int, field: str, images: list | None
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), (str, list)) for m in value):
-        found: list = []
-        out = [{"role": m["role"], "content": content_text(m["content"], origin, row, f"{field}[{i}].content", found)}
-               for i, m in enumerate(value)]  # fmt: skip
+        out, found = text_messages(value, origin, row, field)
         if images is not None:
             images.extend(found)
         return out
@@ -154,7 +152,7 @@ def tokenize_preference(
 def preference_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, split: str):
     if source.path == "synthetic":
         syn = data.synthetic
-        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
+        task = make_task(syn)
         n = source.max_rows or (syn.train_rows if split == "train" else syn.eval_rows)
         for i, row in enumerate(task.preference_pairs(n, split="train" if split == "train" else "heldout"), start=1):
             yield f"synthetic-pairs[{split}]", i, row

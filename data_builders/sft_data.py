@@ -21,7 +21,7 @@ from data_builders.image_tokens import ImageText, check_fits
 from data_builders.readers import read_rows
 from data_builders.render import render_conversation
 from data_builders.samples import Sample
-from data_builders.synthetic import SyntheticTask
+from data_builders.synthetic import make_task
 
 if TYPE_CHECKING:
     from align.config import DataConfig, SourceConfig
@@ -44,7 +44,7 @@ def source_rows(source: SourceConfig, data: DataConfig, policy: BadRowPolicy, sp
     """(origin, row, raw) triples for one source; `synthetic` is generated from the recipe's seed."""
     if source.path == "synthetic":
         syn = data.synthetic
-        task = SyntheticTask(syn.seed, syn.digits, syn.concise_share, syn.system_share)
+        task = make_task(syn)
         n = syn.train_rows if split == "train" else syn.eval_rows
         rows = task.sft_conversations(source.max_rows or n, split="train" if split == "train" else "heldout")
         for i, row in enumerate(rows, start=1):

@@ -22,6 +22,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from data_builders.visual_task import VisualTask
+
 CONDITIONS = ("math", "concise", "harmless")
 REFUSAL_TEXT = "I can't help with that request."
 UNSAFE_MARKER = "[UNSAFE]"
@@ -278,3 +280,10 @@ class SyntheticTask:
     def rl_prompts(self, n: int, split: str = "train") -> list[dict]:
         """Prompts with ground truth for online RL and for `align eval`."""
         return [p.as_row() for p in self.problems(n, split, salt="rl")]
+
+
+def make_task(synthetic) -> SyntheticTask | VisualTask:
+    """The built-in task a recipe's `data.synthetic` section names (`task`: arithmetic or visual), seeded from it."""
+    if getattr(synthetic, "task", "arithmetic") == "visual":
+        return VisualTask(synthetic.seed, synthetic.image_size)
+    return SyntheticTask(synthetic.seed, synthetic.digits, synthetic.concise_share, synthetic.system_share)

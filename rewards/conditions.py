@@ -2,11 +2,13 @@
 
 `render_for_reward` is the single place a (condition, conversation, response) becomes reward-model
 tokens. RM training and scoring at RLHF time both call it, so the two can never drift apart.
-The condition prompt goes to the reward model only; the policy never sees it.
+The condition prompt goes to the reward model only; the policy never sees it. A prompt's images (`<image>` markers in
+its text) become the reward model's image tokens the way MPO's prompts do (`data_builders/image_tokens.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from data_builders.errors import UserKeyError
@@ -14,6 +16,9 @@ from data_builders.render import through_end_of_turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from data_builders.image_tokens import ImageText
+    from data_builders.images import ImageRef
 
 DEFAULT_CONDITIONS = {
     "math": "You are a careful math grader. Prefer responses whose final answer is correct.",
@@ -52,9 +57,34 @@ def render_for_reward(
     The score is read at the end-of-turn token, not at the newline a ChatML template adds after it (TRL's
     RewardTrainer reads it there): a deliberate choice, explained in `data_builders/render.py`.
     """
-    messages = [*condition_messages(conditions, condition, prompt), {"role": "assistant", "content": response}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return reward_tokens(tokenizer, conditions, condition, prompt, response, reward_token_id)[0]
+
+
+def reward_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    conditions: dict[str, str],
+    condition: str | None,
+    prompt: list[dict],
+    response: str,
+    reward_token_id: int | None = None,
+    images: ImageText | None = None,
+    refs: Sequence[ImageRef] = (),
+    origin: str = "",
+    row: int = 0,
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """`render_for_reward`'s ids, and the [start, end) of each image's context tokens.
+
+    With `images`, each `<image>` marker of the prompt becomes the tokens of its checked image in `refs` (a mismatch is
+    a `BadRowError` naming `origin` and `row`); the response is text, as in MPO's pairs.
+    """
+    messages = condition_messages(conditions, condition, prompt)
+    if images is not None:
+        messages = images.substitute(messages)
+    text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
     ids = through_end_of_turn(tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    spans: list[tuple[int, int]] = []
+    if images is not None:
+        ids, _, spans = images.expand(ids, [0] * len(ids), refs, origin, row)
     if reward_token_id is not None:
         ids.append(reward_token_id)
-    return ids
+    return ids, spans

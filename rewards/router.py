@@ -5,6 +5,9 @@ prompt, optionally normalised by the per-condition stats stored beside the model
 model's step probabilities aggregated per response by mean / min / last, `rewards/prm.py`) and rule-based
 verifiers (`rewards/verifiers.py`). RLHF rewards and preference-pair building both call
 `RewardRouter.score`, so they agree on what "better" means.
+
+A sample's prompt may carry images (OpenAI image parts): with a vision-language reward model's `ImageText` they become
+its image tokens and tiles exactly as `align rm` made them from a row (`rewards.conditions.reward_tokens`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from data_builders.conversations import text_messages
 from data_builders.errors import UserError, UserKeyError
+from data_builders.image_tokens import ImageText
+from data_builders.images import ImageRef
 from data_builders.packing import pack_best_fit
-from rewards.conditions import render_for_reward
+from rewards.conditions import render_for_reward, reward_tokens
 from rewards.model import pack_documents, packed_scores
 from rewards.prm import ProcessRewardScorer
 from rewards.verifiers import is_refusal, length_penalty, math_correct, regex_format, task_score
 
-Sample = dict[str, Any]  # {"condition", "prompt": messages, "response", "answer"?, "unsafe"?}
+Sample = dict[str, Any]  # {"condition", "prompt": messages (text or OpenAI image parts), "response", "answer"?, "unsafe"?}
 
 VERIFIERS: dict[str, Callable[..., float]] = {
     "task": lambda s, **_: task_score(s, s["response"]),
@@ -55,6 +61,7 @@ class RewardRouter:
         row_tokens: int = 2048,
         autocast_dtype: torch.dtype | None = None,
         process_scorer: ProcessRewardScorer | None = None,
+        images: ImageText | None = None,
     ):
         for condition, route in routes.items():
             unknown = set(route) - set(VERIFIERS) - {"rm", "prm"}
@@ -69,6 +76,7 @@ class RewardRouter:
         self.conditions, self.stats = conditions or {}, stats or {}
         self.reward_token_id, self.verifier_args, self.row_tokens = reward_token_id, verifier_args or {}, row_tokens
         self.autocast_dtype = autocast_dtype  # an fp32 (trainable) reward model still scores in the compute dtype on GPUs
+        self.images = images  # a vision-language reward model's image side; None: prompts with images are an error
 
     def route(self, condition: str) -> dict[str, float]:
         if condition in self.routes:
@@ -77,18 +85,38 @@ class RewardRouter:
             return self.routes["default"]
         raise UserKeyError(f"no route for condition {condition!r} (routes: {sorted(self.routes)}); add one, or a 'default' route")
 
+    def rm_document(self, sample: Sample, index: int) -> tuple[list[int], list[ImageRef]]:
+        """A sample's reward-model tokens and its prompt's checked images (sample `index` + 1 is named in errors).
+
+        A text prompt renders as it always did; image parts are expanded with the reward model's `ImageText`.
+        """
+        condition, response = sample["condition"], sample["response"]
+        prompt, values = text_messages(sample["prompt"], "samples", index + 1, "prompt")
+        if not values:
+            return render_for_reward(self.tokenizer, self.conditions, condition, sample["prompt"], response, self.reward_token_id), []
+        if self.images is None:
+            raise UserError(f"sample {index + 1} has {len(values)} image(s) in its prompt but the reward model takes no images "
+                            "(a text-only model)")  # fmt: skip
+        refs = self.images.resolve(values, prompt, "samples", index + 1)
+        ids, _ = reward_tokens(self.tokenizer, self.conditions, condition, prompt, response, self.reward_token_id, self.images, refs,
+                               "samples", index + 1)  # fmt: skip
+        return ids, refs
+
     @torch.no_grad()
     def rm_scores(self, samples: Sequence[Sample], normalize: bool = True) -> torch.Tensor:
         """Reward-model scores, packed many samples to a row; normalised per condition when stats are known (and asked for)."""
-        docs = [render_for_reward(self.tokenizer, self.conditions, s["condition"], s["prompt"], s["response"], self.reward_token_id) for s in samples]
+        docs, refs = zip(*(self.rm_document(s, i) for i, s in enumerate(samples)), strict=True)
         param = next(self.model.parameters())
         device = param.device
         cast = self.autocast_dtype is not None and self.autocast_dtype != param.dtype
         out = torch.empty(len(docs), device="cpu")
         for row in pack_best_fit([len(d) for d in docs], max(self.row_tokens, max(map(len, docs)))):
             input_ids, position_ids, ends, _ = pack_documents([[docs[i] for i in row]], self.tokenizer.pad_token_id)
+            tiles = [ref.pixels() for i in row for ref in refs[i]]  # in the order of the row's image tokens
+            pixels = torch.cat(tiles).to(device) if tiles else None
             with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=cast):
-                out[row] = packed_scores(self.model, input_ids.to(device), position_ids.to(device), ends.to(device)).float().cpu()
+                out[row] = packed_scores(self.model, input_ids.to(device), position_ids.to(device), ends.to(device),
+                                         pixel_values=pixels).float().cpu()  # fmt: skip
         if not normalize:
             return out
         for i, s in enumerate(samples):

@@ -11,10 +11,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
-from align.config import DataConfig, ImagesConfig, ModelConfig, SourceConfig
+from align.config import DataConfig, ImagesConfig, LoraConfig, ModelConfig, OptimConfig, SourceConfig
 from align.engine.models import load_causal_lm, load_tokenizer
 from align.engine.vision import has_vision, prepare_images
 from align.losses.logprobs import target_logprobs
@@ -174,3 +175,28 @@ def test_zero3_ranks_with_and_without_images_both_run_the_vision_tower(tmp_path)
     ones = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
     assert len(two) == len(ones) == 2
     torch.testing.assert_close(torch.tensor(two), torch.tensor(ones), rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_keeps_the_named_parts_as_loaded_and_lora_adapts_the_language_model_only(tmp_path):
+    from align.engine.optim import build_optimizer
+    from data_builders.errors import UserError
+
+    def trainable(model) -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    cfg = ModelConfig(name_or_path=TINY)
+    tok = load_tokenizer(cfg)
+    everything = trainable(load_causal_lm(cfg, tok, torch.float32))
+    frozen = load_causal_lm(ModelConfig(name_or_path=TINY, freeze=["vision", "projector"]), tok, torch.float32)
+    kept = trainable(frozen)
+    assert kept and all(".vision_tower." not in n and ".multi_modal_projector." not in n for n in kept)
+    assert kept == {n for n in everything if ".language_model." in n or n.startswith("lm_head")}
+    assert {id(p) for g in build_optimizer(frozen, OptimConfig()).param_groups for p in g["params"]} == {
+        id(p) for p in frozen.parameters() if p.requires_grad}  # no optimizer state for frozen parts  # fmt: skip
+    language_frozen = trainable(load_causal_lm(ModelConfig(name_or_path=TINY, freeze=["language"]), tok, torch.float32))
+    assert language_frozen and all(".vision_tower." in n or ".multi_modal_projector." in n for n in language_frozen)
+    with pytest.raises(UserError, match="names parts of a vision-language model"):
+        load_causal_lm(ModelConfig(name_or_path="builtin:tiny", freeze=["vision"]), tok, torch.float32)
+    lora = load_causal_lm(ModelConfig(name_or_path=TINY, lora=LoraConfig(enabled=True)), tok, torch.float32)
+    adapters = [n for n in trainable(lora) if "lora_" in n]
+    assert adapters and all(".language_model." in n for n in adapters)  # the vision tower's q/k/v keep their weights

@@ -7,8 +7,10 @@ partitioned with ZeRO-3's eval config via TRL's `prepare_deepspeed`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ from transformers import (
     LlamaForSequenceClassification,
     PreTrainedTokenizerBase,
 )
+from transformers import initialization as hf_init
 
 from align import builtin
 from align.model_paths import check_tokenizer_path
@@ -92,7 +95,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: 
     """A causal LM from a built-in shape (random init, seeded) or from pretrained weights; a vision-language model
     (`align/engine/vision.py`) is loaded as one, since its language model is what every loss reads."""
     attn = resolve_attention(cfg.attn_implementation)
-    from align.engine.vision import is_vision_language, load_vision_language
+    from align.engine.vision import freeze_parts, is_vision_language, load_vision_language
 
     if is_vision_language(cfg):  # an image-text-to-text model: the same text path, tiles passed as pixel_values
         model = load_vision_language(cfg, tokenizer, dtype, attn, seed)
@@ -117,15 +120,26 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing)
+        model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing, target_modules=lora_targets(model, cfg.lora))
+    freeze_parts(model, cfg.freeze)
     return model
 
 
 def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """A scalar-head model (`AutoModelForSequenceClassification(num_labels=1)`): built-in, hub or local (e.g. our SFT export,
-    as InternLM2 starts its RM from the SFT model); a newly created head is zero-initialised, as xtuner does."""
+    as InternLM2 starts its RM from the SFT model); a newly created head is zero-initialised, as xtuner does.
+
+    A vision-language model has no sequence-classification class: it is loaded as one (`load_vision_language`) with a
+    `score` head beside its LM head (`with_score_head`), so scoring reads hidden states through the same path as a text RM.
+    """
     attn = resolve_attention(cfg.attn_implementation)
-    if builtin.is_builtin(cfg.name_or_path):
+    from align.engine.vision import freeze_parts, is_vision_language, load_vision_language
+
+    new_head = False
+    if is_vision_language(cfg):  # the head comes back from a reward model's export, or starts at zero (`with_score_head`)
+        model = load_vision_language(cfg, tokenizer, dtype, attn, seed, derive=with_score_head)
+        freeze_lm_head(model)
+    elif builtin.is_builtin(cfg.name_or_path):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = LlamaForSequenceClassification(builtin_config(cfg.name_or_path, tokenizer, attn, num_labels=1)).to(dtype)
@@ -147,19 +161,76 @@ def load_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtyp
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:  # adapters on the backbone; the scalar head trains in full (peft's modules_to_save for SEQ_CLS)
-        model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing, task_type="SEQ_CLS")
+        model = apply_lora(model, cfg.lora, cfg.gradient_checkpointing, task_type="SEQ_CLS", target_modules=lora_targets(model, cfg.lora))
+    freeze_parts(model, cfg.freeze)
     return model
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+@functools.cache
+def with_score_head(base: type) -> type:
+    """`base` (a transformers image-text-to-text class) with `score`, a bias-free `Linear(hidden, 1)`, beside its LM head.
+
+    A subclass rather than a wrapper module: `save_pretrained` writes `score.weight` with the other weights and
+    `from_pretrained` restores it (a checkpoint without one, e.g. an SFT export, gets a zero head through `_init_weights`),
+    ZeRO-3 partitions it as any parameter of the model, and the LoRA export, which rebuilds the model from its config
+    (`type(model)(config)`), gets the head back. Saved checkpoints name this class in `architectures`; they still load
+    as plain `AutoModelForImageTextToText` models (the head is then an unused key).
+    """
+
+    class WithScore(base):
+        def __init__(self, config):
+            super().__init__(config)
+            self.score = torch.nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
+            self._init_weights(self.score)
+
+        def _init_weights(self, module: torch.nn.Module) -> None:
+            if module is getattr(self, "score", None):
+                hf_init.zeros_(module.weight)  # skips a weight `from_pretrained` loaded
+            else:
+                super()._init_weights(module)
+
+        def forward(self, *args, logits_to_keep: int | torch.Tensor = 1, **kwargs):
+            """The score reads the final hidden states: the LM head runs on one position, not on every token × vocabulary."""
+            return super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+    WithScore.__name__ = WithScore.__qualname__ = f"{base.__name__}WithScore"
+    return WithScore
+
+
+def freeze_lm_head(model: torch.nn.Module) -> None:
+    """A reward model never reads its LM head: frozen (unless tied to the input embeddings, which do train), so AdamW keeps
+    no state for vocabulary × hidden weights and DDP does not wait for a gradient that never comes."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        head.requires_grad_(False)
+
+
+def lora_targets(model: torch.nn.Module, lora: LoraConfig) -> str | None:
+    """On a vision-language model, the adapters' target modules inside its language model only (else peft's own match)."""
+    from align.engine.vision import has_vision
+
+    return language_model_targets(lora.target_modules) if has_vision(model) else None
+
+
+def language_model_targets(names: Sequence[str]) -> str:
+    """peft's target regex for the modules `names` inside the language model only.
+
+    A VLM's vision tower reuses the same names (`q_proj`, ...); the reward is read from the language model's hidden
+    states, so adapters go there (the vision tower and projector stay as the SFT model left them, frozen).
+    """
+    return rf"(.*\.)?language_model\..*\.({'|'.join(map(re.escape, names))})"
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM",
+               target_modules: str | None = None) -> torch.nn.Module:  # fmt: skip
+    """peft adapters on `lora.target_modules` (or `target_modules`, a regex peft full-matches against module names)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type=task_type
-    )
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=target_modules or list(lora.target_modules), task_type=task_type)  # fmt: skip
     return get_peft_model(model, peft_cfg)
 
 

@@ -10,12 +10,15 @@ the `ImageText` the data builders render image rows with.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from align import builtin
+from data_builders.errors import UserError
 from data_builders.image_tokens import ImageText, add_image_tokens
 from data_builders.images import ImageConfig, image_config_for
 
@@ -52,8 +55,9 @@ def image_config(images: ImagesConfig | None) -> ImageConfig:
     return ImageConfig(**{**dataclasses.asdict(images), "mean": tuple(images.mean), "std": tuple(images.std)})
 
 
-def builtin_vlm(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, seed: int) -> torch.nn.Module:
-    """The built-in tiny InternVL, seeded; the tokenizer gets the image tokens first (they are in its vocabulary)."""
+def builtin_vlm(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, seed: int,
+                model_class: type = InternVLForConditionalGeneration) -> torch.nn.Module:  # fmt: skip
+    """The built-in tiny InternVL (as `model_class`, a subclass of it), seeded; the tokenizer gets the image tokens first."""
     shape = builtin.builtin_shape(name)
     ids = add_image_tokens(tokenizer, ImageConfig(tile_size=shape["vision"]["image_size"][0], tokens_per_tile=shape["image_seq_length"]))
     text = dict(shape["text"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -69,14 +73,47 @@ def builtin_vlm(name: str, tokenizer: PreTrainedTokenizerBase, attn: str, seed: 
     # config while the outer model initialises its weights (accelerate partitions the whole model at `prepare`)
     with torch.random.fork_rng(), without_zero3_init():
         torch.manual_seed(seed)
-        return InternVLForConditionalGeneration(config)
+        return model_class(config)
 
 
-def load_vision_language(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attn: str, seed: int) -> torch.nn.Module:
+def load_vision_language(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attn: str, seed: int,
+                         derive: Callable[[type], type] | None = None) -> torch.nn.Module:  # fmt: skip
+    """The VLM; `derive` maps its transformers class to the class built instead (the reward model's adds a scalar head)."""
     if builtin.is_builtin(cfg.name_or_path):
-        return builtin_vlm(cfg.name_or_path, tokenizer, attn, seed).to(dtype)
-    return AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                                       dtype=dtype, attn_implementation=attn)  # fmt: skip
+        base = InternVLForConditionalGeneration
+        return builtin_vlm(cfg.name_or_path, tokenizer, attn, seed, derive(base) if derive else base).to(dtype)
+    loader = AutoModelForImageTextToText if derive is None else derive(vision_language_class(cfg))
+    return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                  attn_implementation=attn)  # fmt: skip
+
+
+def vision_language_class(cfg: ModelConfig) -> type:
+    """The transformers class `AutoModelForImageTextToText` builds for this checkpoint (reads the config only)."""
+    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        raise UserError(f"model.name_or_path {cfg.name_or_path!r}: {type(config).__name__} is not an image-text-to-text model transformers "
+                        "ships, so align cannot put a reward head on it")  # fmt: skip
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+
+
+PARTS = {"vision": ("vision_tower",), "projector": ("multi_modal_projector",), "language": ("language_model", "lm_head")}
+
+
+def freeze_parts(model: torch.nn.Module, parts: list[str]) -> None:
+    """`model.freeze`: the named parts of a vision-language model stop training (transformers' common module names:
+    `vision_tower`, `multi_modal_projector`, `language_model` + `lm_head`); the optimizer then holds none of their state."""
+    if not parts:
+        return
+    inner = _base(model)
+    if not has_vision(inner):
+        raise UserError(f"model.freeze {parts} names parts of a vision-language model, but {type(inner).__name__} is a text model")
+    modules = dict(inner.named_modules())
+    for part in parts:
+        found = [m for name in PARTS[part] for key, m in modules.items() if key == name or key.endswith(f".{name}")]
+        if not found:
+            raise UserError(f"model.freeze: {type(inner).__name__} has no {' or '.join(PARTS[part])} module for {part!r}")
+        for module in found:
+            module.requires_grad_(False)
 
 
 def prepare_images(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, images: ImagesConfig | None) -> ImageText:

@@ -124,8 +124,8 @@ class MPOTrainer(Trainer):
         self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
         self.model.to(engine.device)
         self.sampled_stats: dict[str, Any] = {}
-        sampled = self._sampled_pairs() if cfg.sampled_pairs.enabled else []
         self.images = image_text_for(self.model, self.tokenizer, data.images)  # a VLM: prompt images become tiles and tokens
+        sampled = self._sampled_pairs() if cfg.sampled_pairs.enabled else []
         self.pairs = build_preference_pairs(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, conditions=cfg.conditions,
                                             images=self.images)  # fmt: skip
         eval_sources = data.eval_sources()
@@ -165,7 +165,8 @@ class MPOTrainer(Trainer):
         self.buffer = None
 
         def draw() -> tuple[list[dict], dict[str, Any]]:
-            self.buffer, generator = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, seed, cfg.round_index)
+            self.buffer, generator = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, seed, cfg.round_index,
+                                                     images=self.images)  # fmt: skip
             rows = self.buffer.preference_pairs(cfg.max_pairs_per_prompt, seed=seed)
             if cfg.dropout_ntp_share > 0:
                 rng = random.Random(seed)
@@ -305,5 +306,5 @@ class MPOTrainer(Trainer):
         """Held-out task accuracy by greedy generation (what `align eval` measures), before and after training."""
         cfg = self.recipe.eval
         problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
-        return task_accuracy(model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
+        return task_accuracy(model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size, self.images)
 

@@ -71,6 +71,7 @@ from align.run_state import check_run_dir, prepare_run_dir, recipe_fingerprint
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
 from align.trainers.rm_update import comparison_pairs, read_comparison_files, update_reward_model
 from data_builders.bad_rows import BadRowPolicy
+from data_builders.conversations import text_messages
 from data_builders.errors import UserError
 from data_builders.packing import build_rows, collate_rows
 from data_builders.sft_data import build_samples
@@ -180,6 +181,10 @@ class RLHFTrainer:
 
         self.prompts = load_prompts(ppo.prompts_path, recipe.data.synthetic, ppo.num_prompts, split="train")
         self.eval_problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts) if recipe.eval.enabled else []
+        for problem in (*self.prompts, *self.eval_problems):  # PPO's experience forward carries no tiles yet
+            if text_messages(problem["messages"], "prompts", 0)[1]:
+                raise UserError(f"align rlhf trains on text prompts only so far; prompt {problem['uid']!r} has images (image prompts go "
+                                "through align mpo's sampled pairs or align sft's rejection sampling)")  # fmt: skip
         self.ptx_samples, self.ptx_rows = [], []
         if ppo.ptx_coef > 0 and recipe.data.train:
             policy = BadRowPolicy.for_run(recipe.data.on_bad_row, engine.run_dir, engine.is_main)

@@ -4,6 +4,9 @@ Each (chosen, rejected) pair is one shared-prefix unit `[prefix | chosen | rejec
 (`data_builders.pair_rows`), packed best fit into rows; units never attend to each other, the two
 suffixes never see each other, and each side is scored at its last token. The loss is the
 configured ranking loss plus the log barrier, averaged over the pairs of the optimizer step.
+
+On a vision-language model (a VLM with a `score` head, `align.engine.models.load_reward_model`) prompts may carry images:
+the tiles travel with their pairs, once per shared prompt, and reach the forward as `pixel_values`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from accelerate.utils import gather_object
 from align.config import RMRecipe
 from align.engine.models import load_reward_model, load_tokenizer, resolve_attention
 from align.engine.plan import eval_micro_batches
+from align.engine.vision import image_text_for
 from align.model_paths import check_model_path
 from align.reward_model_info import RewardModelInfo, reward_token_id
 from align.trainers.base import Trainer
@@ -46,8 +50,10 @@ class PairBatch:
 
 
 def collate_pairs(rows: Sequence[Sequence[Pair]], pad_id: int, share_prefix: bool = True) -> PairBatch:
-    """Each row's pairs as shared-prefix units (or, without sharing, as two packed documents each)."""
-    pair_rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in rows], pad_id, share_prefix)
+    """Each row's pairs as shared-prefix units (or, without sharing, as two packed documents each), with their prompts' tiles."""
+    with_images = any(p.images for row in rows for p in row)
+    pair_rows = collate_pair_rows([[(p.chosen, p.rejected) for p in row] for row in rows], pad_id, share_prefix,
+                                  images=rows if with_images else None)  # fmt: skip
     pairs = [p for row in rows for p in row]
     return PairBatch(pair_rows, torch.tensor([p.margin for p in pairs], device="cpu"), [p.condition for p in pairs], [p.tag for p in pairs])
 
@@ -64,8 +70,12 @@ class RMTrainer(Trainer):
         model_cfg = replace(recipe.model, attn_implementation=resolve_attention(recipe.model.attn_implementation,
                                                                                 needs_4d_mask=data.share_prefix is True))
         self.model = load_reward_model(model_cfg, self.tokenizer, torch.float32, seed=recipe.train.seed)
+        self.images = image_text_for(self.model, self.tokenizer, data.images)  # a VLM: prompt images become tiles and tokens
         self.bad_rows = BadRowPolicy.for_run(data.on_bad_row, engine.run_dir, engine.is_main)
-        build = lambda sources, split: build_pairs(sources, data, reward.conditions, self.tokenizer, self.bad_rows, token_id, split)  # noqa: E731
+
+        def build(sources: list, split: str) -> list[Pair]:
+            return build_pairs(sources, data, reward.conditions, self.tokenizer, self.bad_rows, token_id, split, self.images)
+
         self.pairs = build(data.train, "train")
         eval_sources = data.eval_sources()
         self.eval_pairs = build(eval_sources, "eval") if eval_sources else []
@@ -138,6 +148,7 @@ class RMTrainer(Trainer):
         if by_tag:  # which kinds of comparison the model gets wrong (reward-bench reports per subset)
             metrics["accuracy_by_tag"] = {t: sum(v) / len(v) for t, v in sorted(by_tag.items())}
             metrics["eval_pairs_by_tag"] = {t: len(v) for t, v in sorted(by_tag.items())}
-        if engine.is_main:  # normalisation constants travel with the model (used at RLHF time)
-            RewardModelInfo(cfg.conditions, stats, cfg.reward_token).write(engine.run_dir / "model")
+        if engine.is_main:  # normalisation constants (and a VLM's tiling) travel with the model (used at RLHF and best-of-N time)
+            images = asdict(self.recipe.data.images) if self.images is not None else None
+            RewardModelInfo(cfg.conditions, stats, cfg.reward_token, images).write(engine.run_dir / "model")
         return metrics

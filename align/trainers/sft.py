@@ -50,15 +50,15 @@ class SFTTrainer(Trainer):
         self.before: dict[str, Any] = {}
         self.rejection_stats: dict[str, Any] | None = None
         sampled = []
+        self.images = image_text_for(self.model, self.tokenizer, data.images)  # a VLM: image rows become tiles and image tokens
         if recipe.rejection_sampling.enabled:
             self.model.to(engine.device)
             sampled = self._rejection_sampled_rows()
             self.before = self._task_accuracy() if recipe.eval.enabled else {}
-        images = image_text_for(self.model, self.tokenizer, data.images)  # a VLM: image rows become tiles and image tokens
-        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, images=images)
+        self.samples, stats = build_samples(data.train, data, self.tokenizer, self.bad_rows, "train", extra_rows=sampled, images=self.images)
         eval_sources = data.eval_sources()
         self.eval_samples, eval_stats = (
-            build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval", images=images) if eval_sources else ([], None)
+            build_samples(eval_sources, data, self.tokenizer, self.bad_rows, "eval", images=self.images) if eval_sources else ([], None)
         )
         self.bad_rows.write()  # the main rank writes the skipped rows and says how many went where
         self.train_rows = build_rows(self.samples, data.max_length, data.packing)
@@ -83,7 +83,8 @@ class SFTTrainer(Trainer):
         self.buffer = None
 
         def draw() -> tuple[list[dict], dict[str, Any]]:
-            self.buffer, _ = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, self.recipe.train.seed)
+            self.buffer, _ = sample_rollouts(self.model, self.tokenizer, engine, cfg, self.recipe.data.synthetic, self.recipe.train.seed,
+                                             images=self.images)  # fmt: skip
             rows = self.buffer.best_of_n(cfg.require_correct)
             counts = sum_over_ranks(engine, [*buffer_counts(self.buffer), len(self.buffer.groups())])
             rows = gather_rows(engine, rows, key=lambda r: json.dumps(r, sort_keys=True))
@@ -128,5 +129,5 @@ class SFTTrainer(Trainer):
     def _task_accuracy(self) -> dict[str, Any]:
         cfg = self.recipe.eval
         problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
-        return task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size)
+        return task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size, self.images)
 
