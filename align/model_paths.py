@@ -25,7 +25,11 @@ def check_model_path(name: str, field: str = "model.name_or_path", make: str | N
     if builtin.is_builtin(name):
         builtin.builtin_shape(name)  # raises naming the built-in shapes
         return
-    if not looks_local(name) or local_path(name).exists():
+    path = local_path(name)
+    if path.is_dir() and not (path / "config.json").exists():  # a run directory instead of the model it exported
+        inner = " (the run's export is its model/ directory: point the field there)" if (path / "model" / "config.json").exists() else ""
+        raise MissingPathError(f"{field} {name!r} is a directory without a config.json, not a saved model{inner}")
+    if not looks_local(name) or path.exists():
         return
     make = make or (MAKE_SFT if "sft" in name else None)
     hint = f" Make it with {make}." if make else ""

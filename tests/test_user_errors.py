@@ -311,3 +311,16 @@ def test_a_prompts_file_is_read_like_every_data_file(tmp_path):
     path.write_text("")
     with pytest.raises(EmptyDataError, match="data file is empty"):
         load_prompts(str(path), None, 10)
+
+
+def test_a_run_directory_given_as_a_model_points_at_its_export(tmp_path):
+    from align.model_paths import MissingPathError, check_model_path
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    with pytest.raises(MissingPathError, match=r"bon.reward_model '.*run' is a directory without a config.json.*model/ directory"):
+        check_model_path(str(tmp_path / "run"), "bon.reward_model")
+    check_model_path(str(tmp_path / "run" / "model"), "bon.reward_model")  # the export itself is fine
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingPathError, match="not a saved model$"):
+        check_model_path(str(tmp_path / "empty"))

@@ -243,3 +243,32 @@ def test_the_router_scores_an_image_prompt_as_the_trainer_does(tmp_path):
     assert torch.equal(text_router.score(samples[:1]).scores, router.score(samples[:1]).scores)  # text prompts: the text path
     with pytest.raises(UserError, match="sample 2 has 1 image"):
         text_router.score(samples)
+
+
+def test_align_bon_ranks_samples_of_image_prompts_with_a_vlm_reward_model(tmp_path):
+    """Best-of-N on image prompts: the VLM policy samples with each prompt's picture, the VLM reward model scores each
+    sample with it (as the router does in training), and the picks are the argmax of those scores."""
+    from align.bon import BestOfN, BoNRecipe
+    from align.cli import main
+    from align.config import load_recipe
+    from data_builders.visual_task import VisualTask
+    from tests.test_bon import QUICKSTART, bon_overrides, check_against_samples
+
+    data, rm = mixed_rows(tmp_path), tmp_path / "rm"
+    assert main(rm_args(rm, TINY, data)) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{**p, "condition": "math"} for p in VisualTask(0).rl_prompts(4, "heldout")]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "bon"
+    overrides = bon_overrides(out, TINY, rm / "model", **{"eval.prompts_path": str(prompts), "eval.num_prompts": 4, "eval.max_new_tokens": 4,
+                                                  "bon.n_values": "[1,2]", "data.images.max_tiles": 4})  # fmt: skip
+    assert main(["bon", "--config", QUICKSTART, *[a for o in overrides for a in ("--set", o)]]) == 0
+    _, saved = check_against_samples(out, [1, 2], 4)
+    job = BestOfN(load_recipe(BoNRecipe, QUICKSTART, overrides))
+    job.setup()  # the same policy and reward model, to score the saved samples again
+    assert job.images is not None and job.router.images is not None
+    scored = [{"condition": "math", "prompt": rows[p]["messages"], "response": r["response"]} for p, group in saved.items() for r in group]
+    rescored = job.router.score(scored).scores.float()
+    assert torch.allclose(rescored, torch.tensor([r["score"] for group in saved.values() for r in group]), atol=1e-5)
+    blind = job.router.score([{**s, "prompt": [{"role": "user", "content": "Describe the picture."}]} for s in scored]).scores.float()
+    assert not torch.allclose(blind, rescored, atol=1e-3)  # the picture is part of what the reward model scores
