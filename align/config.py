@@ -43,7 +43,8 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to the model's own (the built-in one for builtin:*)
     revision: str | None = None
     trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    # auto: bf16 on a GPU that has it; on a CPU, bf16 autocast only where it multiplies bf16 natively and measures faster
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
     gradient_checkpointing: bool = False
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)

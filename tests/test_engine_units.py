@@ -75,3 +75,37 @@ def test_builtin_shapes_have_their_documented_sizes(name, millions):
     with torch.device("meta"):  # shapes only
         model = load_causal_lm(cfg, load_tokenizer(cfg), torch.float32)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "cuda, cuda_bf16, flags, world, speedup, expected",
+    [
+        (True, True, frozenset(), 1, None, torch.bfloat16),  # a GPU with bf16
+        (True, False, frozenset(), 1, None, torch.float32),  # an older GPU: fp32, not fp16 without loss scaling
+        (False, False, frozenset({"avx2", "fma"}), 1, None, torch.float32),  # AVX2-only CPU: bf16 is emulated, 10-28x slower
+        (False, False, frozenset({"avx512f", "avx512_bf16"}), 1, 2.6, torch.bfloat16),  # native bf16 that measures faster
+        (False, False, frozenset({"avx512f", "avx512_bf16"}), 1, 1.1, torch.float32),  # native but not clearly faster
+        (False, False, frozenset({"amx_bf16"}), 2, None, torch.bfloat16),  # several ranks: the flags decide, no measurement
+    ],
+)
+def test_auto_dtype_picks_bf16_only_where_it_is_native_and_faster(cuda, cuda_bf16, flags, world, speedup, expected):
+    from align.engine.models import auto_dtype
+
+    def measure() -> float:
+        assert speedup is not None, "measured where the flags or the device already decide"
+        return speedup
+
+    assert auto_dtype(cuda, cuda_bf16, flags, world, measure) == expected
+
+
+def test_auto_dtype_on_this_machine_follows_its_flags():
+    from align.engine.models import NATIVE_BF16_FLAGS, bf16_speedup, cpu_flags, resolve_dtype
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule; the GPU one is pinned above")
+    chosen = resolve_dtype("auto")
+    if not cpu_flags() & NATIVE_BF16_FLAGS:
+        assert chosen == torch.float32
+    else:
+        assert chosen == (torch.bfloat16 if bf16_speedup() >= 1.3 else torch.float32)
+    assert resolve_dtype("float32") == torch.float32 and resolve_dtype("bfloat16") == torch.bfloat16

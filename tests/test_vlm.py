@@ -200,3 +200,40 @@ def test_freeze_keeps_the_named_parts_as_loaded_and_lora_adapts_the_language_mod
     lora = load_causal_lm(ModelConfig(name_or_path=TINY, lora=LoraConfig(enabled=True)), tok, torch.float32)
     adapters = [n for n in trainable(lora) if "lora_" in n]
     assert adapters and all(".language_model." in n for n in adapters)  # the vision tower's q/k/v keep their weights
+
+
+def test_an_image_text_model_of_another_family_is_refused_not_tiled_as_internvl():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from data_builders.errors import UserError
+
+    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                        image_size=28, patch_size=14),
+                         text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                 vocab_size=600))  # fmt: skip
+    tok = load_tokenizer(ModelConfig(name_or_path="builtin:tiny"))
+    with pytest.raises(UserError, match=r"LlavaForConditionalGeneration \(llava\): align's image path implements InternVL's tiling"):
+        prepare_images(LlavaForConditionalGeneration(config), tok, ImagesConfig())
+
+
+def test_a_packed_image_row_trains_the_loss_of_its_documents_unpacked(tmp_path):
+    """The SFT loss (token mean over the step) and its gradient from one packed row of image conversations equal those
+    of the same conversations each in its own row, within 1e-6 in fp32."""
+    from align.trainers.sft import weighted_nll
+
+    model, tok, images = tiny_vlm()
+    data = DataConfig(train=[SourceConfig(path=image_rows(tmp_path, 4))], max_length=256)
+    samples, _ = build_samples(data.train, data, tok, BadRowPolicy("error"), "train", images=images)
+    total = float(sum(s.num_targets for s in samples))
+
+    def loss_and_grad(batch):
+        model.zero_grad()
+        logprobs, mask = target_logprobs(model, batch)
+        loss = weighted_nll(logprobs, batch.weights[mask], total)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    packed, packed_grad = loss_and_grad(collate_rows([samples], tok.pad_token_id))
+    separate, separate_grad = loss_and_grad(collate_rows([[s] for s in samples], tok.pad_token_id))
+    assert abs(float(packed) - float(separate)) < 1e-6 and float(packed) > 1.0
+    torch.testing.assert_close(packed_grad, separate_grad, rtol=0, atol=1e-6)

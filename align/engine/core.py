@@ -26,9 +26,11 @@ class Engine:
 
     @classmethod
     def create(cls, recipe: Any) -> Engine:
-        dtype = resolve_dtype(recipe.model.dtype)
         train = recipe.train
         shape = resolve_batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size, world_size_from_env())
+        if not torch.cuda.is_available():  # before `auto` measures the dtype on these threads; OMP_NUM_THREADS wins when set
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // shape.world_size))
+        dtype = resolve_dtype(recipe.model.dtype)
         accelerator = build_accelerator(recipe.engine.deepspeed, shape, recipe.optim.max_grad_norm, dtype == torch.bfloat16)
         if accelerator.num_processes != shape.world_size:
             raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {shape.world_size}")
@@ -38,8 +40,6 @@ class Engine:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(recipe, run_dir / "config.yaml")
         accelerator.wait_for_everyone()
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // shape.world_size))
         return cls(recipe, accelerator, shape, dtype, run_dir)
 
     @property

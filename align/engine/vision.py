@@ -120,6 +120,10 @@ def prepare_images(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, i
     """Image tokens in the tokenizer (added if missing, embeddings resized), the model told which one is the image's,
     and the tiling/token counts the model's vision side defines (tile side, tokens per tile)."""
     inner = _base(model)
+    if getattr(inner.config, "model_type", None) != "internvl":  # another family tiles and counts image tokens its own way
+        raise UserError(f"{type(inner).__name__} ({inner.config.model_type}): align's image path implements InternVL's tiling and "
+                        "image tokens so far; other image-text-to-text models need their processor's rule (an ImageHandler "
+                        "in data_builders/images.py)")  # fmt: skip
     text = ImageText.internvl(tokenizer, image_config_for(inner.config, image_config(images), tokenizer))
     if len(tokenizer) > inner.get_input_embeddings().num_embeddings:
         inner.resize_token_embeddings(len(tokenizer))
