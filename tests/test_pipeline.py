@@ -79,3 +79,16 @@ def test_table_shows_before_and_after():
         "accuracy_before": 0.5, "accuracy_after": 0.75, "accuracy_by_condition": {"math": 0.75}, "accuracy_by_condition_before": {"math": 0.5},
         "reward_before": 1.0, "reward_after": 2.0, "kl": 0.1}}])  # fmt: skip
     assert "task 50.0%→75.0%" in table and "math 50.0%→75.0%" in table and "1.000→2.000" in table and "0.100" in table
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_pipelines_and_their_stage_recipes_validate(path, tmp_path):
+    """Every stage's recipe, with its `--set` items (earlier stages' outputs filled by a placeholder path), loads."""
+    from align.config import RECIPES, load_recipe
+    from align.pipeline import load_pipeline, resolve_overrides
+
+    pipeline = load_pipeline(path)
+    outputs = {s.name: {"model_path": str(tmp_path / s.name / "model"), "_dir": str(tmp_path / s.name)} for s in pipeline.stages}
+    for stage in pipeline.stages:
+        recipe = load_recipe(RECIPES[stage.command], ROOT / stage.config, resolve_overrides(stage, outputs, tmp_path / stage.name))
+        assert recipe.output_dir == str(tmp_path / stage.name)
