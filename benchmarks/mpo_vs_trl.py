@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rm_vs_trl import digest, pair_benchmark_parser  # noqa: E402
-from sft_vs_trl import REPO, align_step_times, run_child, side_result, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, pair_mfu, run_child, side_result, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 REFERENCES = ("live", "precomputed")
 
@@ -195,7 +195,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {**rate, "steps": len(timer.ends), "tokens": sum(tokens), "fed": sum(tokens), "pairs": sum(step_pairs),
             "positions": sum(positions), "weights": fingerprint["weights"], "data": fingerprint["data"],
             "precompute_s": spent["precompute_s"], "threads": torch.get_num_threads(), "mean_loss": out.training_loss,
-            "config": f"padded, batch {batch} pairs ({2 * batch} rows)"}  # fmt: skip
+            "params": sum(p.numel() for p in model.parameters()), "config": f"padded, batch {batch} pairs ({2 * batch} rows)"}  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
@@ -241,7 +241,14 @@ def main() -> None:
     print(f"tokens = len(prompt + chosen) + len(prompt + rejected) over all steps' pairs (what TRL feeds); fed = non-pad positions "
           f"fed to the model; precompute time is spread over the pairs trained and included in steps/s and tokens/s. RESULT compares each "
           f"side's faster set-up: align {best_align}, TRL {best_trl}.")  # fmt: skip
-    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f}")
+    from gpu_check import measured_peak
+
+    a["params"] = t["params"]  # the same model on both sides (the weights digests above agree)
+    peak, where, dtype = measured_peak("cpu", args.threads)
+    print(f"MFU: (6 + 2 for the reference's forward) x parameters per position fed (attention left out) over {peak / 1e12:.3f} "
+          f"TFLOP/s, a {dtype} matmul measured now on {where}: align {pair_mfu(a, 1, peak):.1%}, TRL {pair_mfu(t, 1, peak):.1%}")  # fmt: skip
+    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f} "
+          f"mfu={pair_mfu(a, 1, peak):.3f} trl_mfu={pair_mfu(t, 1, peak):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,14 +49,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_vs_trl import REPO, align_step_times, run_child, side_result, steady_rate, step_timer, trl_training_args  # noqa: E402
+from sft_vs_trl import REPO, align_step_times, pair_mfu, run_child, side_result, steady_rate, step_timer, trl_training_args  # noqa: E402
 
 
 def pair_benchmark_parser(doc: str, steps_help: str, warmup: int, lr: float, max_length_help: str) -> argparse.ArgumentParser:
     """The options the pair benchmarks (RM, MPO) share: model, steps, batch of packed rows, lengths, threads, child plumbing."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps (< 3 min on 2 cores)")
-    p.add_argument("--model", default="builtin:small", help="builtin:tiny|small")
+    p.add_argument("--model", default="builtin:small", help="builtin:tiny|small|base")
     p.add_argument("--steps", type=int, default=None, help=steps_help)
     p.add_argument("--warmup", type=int, default=warmup, help="leading steps left out of the rates")
     p.add_argument("--batch", type=int, default=8, help="align: packed rows per step (TRL: as many pairs as these hold on average)")
@@ -241,7 +241,13 @@ def main() -> None:
           "fed to the model, pad % = padding share of the positions fed; "
           "steps/s, tokens/s and median step exclude the warm-up steps")  # fmt: skip
     print(f"mean train loss over the run (each side shuffles the pairs its own way): align {a['mean_loss']:.4f}, TRL {t['mean_loss']:.4f}")
-    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f}")
+    from gpu_check import measured_peak
+
+    peak, where, dtype = measured_peak("cpu", args.threads)
+    print(f"MFU: 6 x parameters per position fed (attention left out) over {peak / 1e12:.3f} TFLOP/s, a {dtype} matmul measured "
+          f"now on {where}: align {pair_mfu(a, 0, peak):.1%}, TRL {pair_mfu(t, 0, peak):.1%}")  # fmt: skip
+    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f} "
+          f"mfu={pair_mfu(a, 0, peak):.3f} trl_mfu={pair_mfu(t, 0, peak):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

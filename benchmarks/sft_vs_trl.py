@@ -5,7 +5,9 @@ same synthetic conversations (`SyntheticTask.sft_conversations`), with the same 
 optimizer (AdamW, same lr/betas/eps, no weight decay), schedule, step count and torch threads,
 loss on assistant tokens only, and packing that keeps documents apart. Each side runs in its own
 subprocess so peak RSS (`ru_maxrss`) is its own; the parent prints a table and, last, the line
-`RESULT align/trl tokens_per_s=<ratio> peak_rss=<ratio>`.
+`RESULT align/trl tokens_per_s=<ratio> peak_rss=<ratio> mfu=<align's> trl_mfu=<TRL's>`. MFU is (6 × parameters +
+12 × layers × hidden × attended keys) per trained token (causal attention within each document) × tokens/s, over a
+large fp32 matmul measured in the same run on the same threads (CPU) or the GPU's dense bf16 peak.
 
 TRL is given its fastest *correct* configuration: fp32 on CPU (bf16 is far slower there), no
 gradient checkpointing, `assistant_only_loss=True`, no logging/eval/saving during the run, and either
@@ -251,10 +253,49 @@ def run_child(script: str, extra: list[str], label: str, out: Path) -> dict[str,
     return result
 
 
-def mfu(result: dict[str, Any], args: argparse.Namespace) -> str:
-    """6·params FLOPs per trained token over the GPU's dense bf16 peak."""
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in result.get("gpu", "")), None)
-    return f"{6 * result['params'] * result['tokens_per_s'] / (peak * 1e12):.1%}" if peak else "n/a"
+def flops_per_token(params: int, shape: dict[str, int], mean_keys: float) -> float:
+    """Training FLOPs per token: 6·params (forward + backward matmuls) + 12·layers·hidden·keys, where keys is the mean
+    number of positions a token attends to (causal, within its own document: (n + 1) / 2 averaged over tokens)."""
+    return 6 * params + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * mean_keys
+
+
+def mean_attended_keys(lengths: list[int]) -> float:
+    """Σ n(n+1)/2 over documents / Σ n: the keys an average token attends to when documents never see each other."""
+    return sum(n * (n + 1) / 2 for n in lengths) / max(1, sum(lengths))
+
+
+def peak_flops(args: argparse.Namespace, gpu_name: str = "") -> tuple[float, str]:
+    """The peak MFU is measured against: on a GPU its dense bf16 peak (the table, or --peak-tflops); on a CPU a large fp32
+    matmul measured now on the benchmark's threads (`gpu_check.measured_peak`)."""
+    if args.device == "cuda":
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu_name), None)
+        return (peak * 1e12 if peak else float("nan")), f"dense bf16 peak of {gpu_name or 'the GPU'}"
+    from gpu_check import measured_peak
+
+    flops, name, dtype = measured_peak("cpu", args.threads)
+    return flops, f"measured {dtype} matmul on {name}"
+
+
+def mfu(result: dict[str, Any], per_token: float, peak: float) -> float:
+    return result["tokens_per_s"] * per_token / peak
+
+
+def pair_mfu(result: dict[str, Any], forwards: int, peak: float) -> float:
+    """MFU of a pair benchmark over the positions fed: (6 + 2·extra forwards)·params per fed token (a shared prompt is fed
+    once, so this is what the hardware did, never above 1); attention is left out (sequences of ~50 tokens: < 1%)."""
+    fed_per_s = result["tokens_per_s"] * result["fed"] / result["tokens"]
+    return fed_per_s * (6 + 2 * forwards) * result["params"] / peak
+
+
+def conversation_keys(args: argparse.Namespace) -> float:
+    """Mean attended keys per token over the benchmark's conversations, tokenised as both sides train them."""
+    from align.config import ModelConfig
+    from align.engine.models import load_tokenizer
+    from data_builders.synthetic import SyntheticTask
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=args.model))
+    rows = SyntheticTask(args.seed, 3, 0.7).sft_conversations(args.rows)
+    return mean_attended_keys([len(tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) for r in rows])
 
 
 def main() -> None:
@@ -274,11 +315,16 @@ def main() -> None:
                 break
             results[f"trl {config}"] = result
     cuda = args.device == "cuda"
+    peak, peak_name = peak_flops(args, results["align"].get("gpu", ""))
+    per_token = flops_per_token(results["align"]["params"], results["align"]["shape"], conversation_keys(args))
     print(f"\n{'run':<17} {'configuration':<36} {'tokens':>7} {'tokens/s':>9} {'median step':>12} {'peak RSS MiB':>13} "
-          f"{'timed s':>8}" + (f" {'MFU':>6} {'GPU MiB':>8}" if cuda else ""))  # fmt: skip
+          f"{'timed s':>8} {'MFU':>6}" + (f" {'GPU MiB':>8}" if cuda else ""))  # fmt: skip
     for name, r in results.items():
         print(f"{name:<17} {r['config']:<36} {r['tokens']:>7} {r['tokens_per_s']:>9.0f} {r['median_step_tokens_per_s']:>12.0f} "
-              f"{r['peak_rss_mib']:>13.0f} {r['timed_s']:>8.2f}" + (f" {mfu(r, args):>6} {r['peak_gpu_mib']:>8.0f}" if cuda else ""))  # fmt: skip
+              f"{r['peak_rss_mib']:>13.0f} {r['timed_s']:>8.2f} {mfu(r, per_token, peak):>6.1%}"
+              + (f" {r['peak_gpu_mib']:>8.0f}" if cuda else ""))  # fmt: skip
+    print(f"MFU: {per_token / 1e6:.1f} MFLOP per trained token (6 x parameters + causal attention within documents) over "
+          f"{peak / 1e12:.3f} TFLOP/s, the {peak_name}")  # fmt: skip
     if any(r["shape"] != results["align"]["shape"] for r in results.values()):
         print("WARNING: align/builtin.py changed between the runs; the sides trained different shapes")
     print(f"model {results['align']['shape']}, {results['align']['params'] / 1e6:.2f}M parameters; tokens = trained "
@@ -286,12 +332,13 @@ def main() -> None:
     trls = {k: v for k, v in results.items() if k.startswith("trl")}
     if not trls:
         print(f"TRL unavailable ({missing}): align ran alone, no ratios")
-        print("RESULT align/trl tokens_per_s=nan peak_rss=nan")
+        print(f"RESULT align/trl tokens_per_s=nan peak_rss=nan mfu={mfu(results['align'], per_token, peak):.3f}")
         return
     best = max(trls, key=lambda k: trls[k]["tokens_per_s"])
     a, t = results["align"], trls[best]
     print(f"fastest TRL configuration: {best} ({t['config']}); ratios are align / that")
-    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f}")
+    print(f"RESULT align/trl tokens_per_s={a['tokens_per_s'] / t['tokens_per_s']:.3f} peak_rss={a['peak_rss_mib'] / t['peak_rss_mib']:.3f} "
+          f"mfu={mfu(a, per_token, peak):.3f} trl_mfu={mfu(t, per_token, peak):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
