@@ -217,7 +217,8 @@ def test_reference_cache_key_follows_the_resolved_dtype_and_attention(monkeypatc
     cfg = ModelConfig(name_or_path="builtin:tiny")  # dtype and attention: auto
     on_cpu = ReferenceCache("cache", cfg, 0).path_for({"train": []})
     assert model_identity(cfg, 0)["dtype"] == "torch.float32" and model_identity(cfg, 0)["attention"] == "sdpa"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same recipe on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same recipe on a GPU machine (with bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert model_identity(cfg, 0)["dtype"] == "torch.bfloat16"
     assert ReferenceCache("cache", cfg, 0).path_for({"train": []}) != on_cpu
     pinned = ModelConfig(name_or_path="builtin:tiny", dtype="float32", attn_implementation="sdpa")

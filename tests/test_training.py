@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -240,7 +241,8 @@ def test_zero3_two_ranks_skip_a_step_poisoned_on_one_rank(tmp_path):
                         "--main_process_port", "0", str(script), QUICKSTART, "--"] + overrides  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line), key=lambda r: r["rank"])
+    # the two ranks print to one pipe: their lines may interleave, so each flat {...} after RESULT is read on its own
+    results = sorted((json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["skipped"] == 1 and r["steps"] == 4 and r["finite"] for r in results), results
     series = losses(tmp_path / "run")
