@@ -91,6 +91,14 @@ def merge_images(part_images: list, listed: list, origin: str, index: int) -> li
     return part_images
 
 
+IMAGE_PARTS = ("image", "image_url")
+
+
+def part_image(part: dict) -> Any:
+    """The value of an image part: `image` (TRL, ms-swift), or OpenAI's `image_url` / `url`; None when it has none."""
+    return part.get("image") or part.get("image_url") or part.get("url")
+
+
 def content_text(content: Any, origin: str, index: int, field_name: str, images: list) -> str:
     """A message's content as text: a string as is; parts joined, an `<image>` marker per image part (its value to `images`)."""
     if isinstance(content, str):
@@ -101,8 +109,8 @@ def content_text(content: Any, origin: str, index: int, field_name: str, images:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 texts.append(str(part.get("text", "")))
-            elif kind in ("image", "image_url"):
-                images.append(part.get("image") or part.get("image_url") or part.get("url"))
+            elif kind in IMAGE_PARTS:
+                images.append(part_image(part))
                 texts.append(IMAGE_MARKER)
             else:
                 raise BadRowError(origin, index, f"{field_name}[{j}].type", f"unsupported content part {kind!r}")
@@ -146,8 +154,13 @@ def with_image_parts(messages: list[dict], images: list, base_dir: Path, origin:
                     parts.append({"type": "text", "text": piece})
             content = parts
         elif isinstance(content, list):
-            content = [{**part, "image": part_value(part.get("image") if part.get("image") is not None else queue.pop(0) if queue else None)}
-                       if isinstance(part, dict) and part.get("type") in ("image", "image_url") else part for part in content]  # fmt: skip
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in IMAGE_PARTS:  # TRL's valueless parts take the row's list
+                    value = part_image(part)
+                    part = {"type": "image", "image": part_value(value if value is not None else queue.pop(0) if queue else None)}
+                parts.append(part)
+            content = parts
         out.append({**m, "content": content})
     if queue:
         raise BadRowError(origin, index, "images", f"{len(images)} images but only {len(images) - len(queue)} {IMAGE_MARKER} markers or image parts")

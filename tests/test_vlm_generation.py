@@ -199,3 +199,14 @@ def test_align_mpo_samples_image_pairs_from_the_policy_and_align_eval_reads_imag
                  "--set", f"output_dir={eval_out}", "--set", "eval.num_prompts=6", "--set", "eval.max_new_tokens=6"]) == 0  # fmt: skip
     result = json.loads((eval_out / "eval.json").read_text())
     assert result["num_prompts"] == 6 and set(result["accuracy_by_condition"]) == set(CONDITIONS)
+
+
+def test_an_openai_image_url_part_in_a_prompt_file_keeps_its_own_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (10, 200, 10)).save(tmp_path / "g.png")
+    row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "g.png"}, {"type": "text", "text": "Colour?"}]}],
+           "answer": "green"}  # fmt: skip
+    (tmp_path / "p.jsonl").write_text(json.dumps(row))
+    (problem,) = load_prompts(str(tmp_path / "p.jsonl"), None, 1)
+    assert problem["messages"][0]["content"][0] == {"type": "image", "image": str(tmp_path / "g.png")}
