@@ -219,9 +219,9 @@ class BestOfN:
         return ProcessRewardScorer(prm, tokenizer, PRMInfo.read(path), self.bon.aggregation, row_tokens=self.bon.row_tokens)
 
     def generator(self) -> Generator:
-        from align.rollout.generation import HFGenerator
+        from align.rollout.engines import make_generator
 
-        return HFGenerator(self.policy, self.tokenizer, self.engine.accelerator, self.recipe.eval.batch_size, images=self.images)
+        return make_generator(self.policy, self.tokenizer, self.engine, self.recipe.eval.batch_size, images=self.images)
 
     def my_chunks(self) -> list[tuple[int, list[int]]]:
         """(chunk index, prompt indices) of this rank: fixed-size chunks dealt round-robin, the same for any world size."""

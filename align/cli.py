@@ -169,7 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_causal_lm(recipe.model, tokenizer, engine.dtype).to(engine.device)
     images = image_text_for(model, tokenizer, recipe.data.images)  # a VLM: prompts may carry images
     problems = load_prompts(recipe.eval.prompts_path, recipe.data.synthetic, recipe.eval.num_prompts)
-    result = task_accuracy(model, tokenizer, problems, engine.accelerator, recipe.eval.max_new_tokens, recipe.eval.batch_size, images)
+    result = task_accuracy(model, tokenizer, problems, engine.accelerator, recipe.eval.max_new_tokens, recipe.eval.batch_size, images,
+                           engine=engine)  # fmt: skip
     if engine.is_main:
         out = Path(recipe.output_dir) / "eval.json"
         out.write_text(json.dumps(result, indent=2))

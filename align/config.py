@@ -199,6 +199,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class RolloutConfig:
+    """Which engine generates wherever the job samples (RLHF, MPO's sampled pairs, rejection sampling, best-of-N, eval)."""
+
+    # auto: vLLM when it is installed and the prompts are text, else HF `generate` (one line says so); vllm without it installed
+    # is an error naming the install command
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    kv_cache_gib: float = bounded(0.5, gt=0.0)  # vLLM's KV cache per engine (host memory on CPU, device memory on GPU)
+    max_model_len: int | None = bounded(None, ge=16)  # longest prompt + response vLLM plans for; null: the model's own limit
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile in vLLM: start-up 20-50 s on CPU instead of 28-69 s
+
+
+@dataclasses.dataclass
 class RunRecipe:
     """The sections every job has; each method's recipe adds its own (SFT: eval, RM: reward)."""
 
@@ -209,6 +221,7 @@ class RunRecipe:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase
 
+from align.rollout.engines import make_generator
 from align.rollout.generation import HFGenerator, SamplingParams
 from data_builders.bad_rows import BadRowError
 from data_builders.conversations import row_images, with_image_parts
@@ -61,9 +62,14 @@ def sample(
     top_p: float = 1.0,
     prefixes: list[str] | None = None,
     images: ImageText | None = None,
+    engine: Any = None,
 ) -> list[list[str]]:
-    """Texts of `n` completions per prompt for this rank's prompts (greedy at temperature 0); see `HFGenerator`."""
-    generator = HFGenerator(model, tokenizer, accelerator, batch_size, images=images)
+    """Texts of `n` completions per prompt for this rank's prompts (greedy at temperature 0).
+
+    With the job's `engine` the recipe's `rollout.engine` generates (`make_generator`), else HF `generate`.
+    """
+    generator = make_generator(model, tokenizer, engine, batch_size, images=images) if engine is not None else \
+        HFGenerator(model, tokenizer, accelerator, batch_size, images=images)  # fmt: skip
     out = generator.generate(prompts, SamplingParams(max_new_tokens, n, temperature, top_p), prefixes)
     return [[g.text for g in group] for group in out]
 
@@ -76,10 +82,12 @@ def task_accuracy(
     max_new_tokens: int = 48,
     batch_size: int = 100,
     images: ImageText | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """{"accuracy", "accuracy_by_condition", "num_prompts", "samples"} over all ranks' prompts (`images`: a VLM's image side)."""
     mine = problems[accelerator.process_index :: accelerator.num_processes]
-    texts = [t[0] for t in sample(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size, images=images)]
+    texts = [t[0] for t in sample(model, tokenizer, [p["messages"] for p in mine], accelerator, max_new_tokens, batch_size, images=images,
+                                  engine=engine)]  # fmt: skip
     scored = [
         {"condition": p.get("condition") or "default", "score": task_score(p, text), "response": text}
         for p, text in zip(mine, texts)

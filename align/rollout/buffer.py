@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from data_builders.pair_builders import GeneratedSample, correctness_pairs
 
-STEP_FIELDS = ("logprobs", "ref_logprobs", "values", "advantages", "returns")
+STEP_FIELDS = ("logprobs", "ref_logprobs", "values", "advantages", "returns", "sampler_logprobs")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Rollout:
     values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None  # the generating engine's own log-probs of the response (vLLM), for the drift metric
 
     @property
     def num_tokens(self) -> int:

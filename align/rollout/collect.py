@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+
 from align.rollout.buffer import Rollout
 from align.rollout.generation import Generator, SamplingParams
 from rewards.router import RewardRouter
@@ -61,6 +63,7 @@ def collect_rollouts(
                 reward=float(result.scores[i]),
                 reward_parts=parts,
                 correct=all(v >= 1.0 for v in judged) if judged else None,
+                sampler_logprobs=torch.tensor(g.logprobs, dtype=torch.float32, device="cpu") if g.logprobs is not None else None,
             )
         )
     return rollouts

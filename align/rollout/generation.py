@@ -45,11 +45,16 @@ class Generation:
     response_ids: list[int]  # up to and including the end-of-turn token when there is one
     text: str  # the response without special tokens
     truncated: bool
+    logprobs: list[float] | None = None  # the sampler's log-prob of each response token, where the engine returns them (vLLM)
 
 
 class Generator(Protocol):
     def generate(self, prompts: list[list[dict]], params: SamplingParams, prefixes: list[str] | None = None) -> list[list[Generation]]:
         """`params.n` generations per prompt (chat messages), in prompt order, for this rank's prompts."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (a vLLM engine's processes); a no-op for HF."""
         ...
 
 
@@ -107,6 +112,9 @@ class HFGenerator:
         if was_training:
             model.train()
         return outputs
+
+    def close(self) -> None:
+        pass
 
     def render(self, messages: list[dict], index: int) -> tuple[list[int], torch.Tensor | None]:
         """The prompt's token ids ending in the assistant header, and the (tiles, 3, H, W) pixels of its images (or None).

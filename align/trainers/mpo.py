@@ -306,5 +306,6 @@ class MPOTrainer(Trainer):
         """Held-out task accuracy by greedy generation (what `align eval` measures), before and after training."""
         cfg = self.recipe.eval
         problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
-        return task_accuracy(model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size, self.images)
+        return task_accuracy(model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size, self.images,
+                             engine=self.engine)  # fmt: skip
 

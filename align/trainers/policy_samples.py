@@ -27,7 +27,8 @@ from align.engine.core import Engine
 from align.evaluation import load_prompts
 from align.rollout.buffer import RolloutBuffer
 from align.rollout.collect import collect_rollouts, verifier_routes
-from align.rollout.generation import HFGenerator, SamplingParams
+from align.rollout.engines import make_generator
+from align.rollout.generation import Generator, SamplingParams
 from align.run_state import POLICY_ROWS, read_json, recipe_fingerprint
 from data_builders.image_tokens import ImageText
 from rewards.router import RewardRouter
@@ -47,7 +48,7 @@ def sample_rollouts(
     seed: int,
     round_index: int = 0,
     images: ImageText | None = None,
-) -> tuple[RolloutBuffer, HFGenerator]:
+) -> tuple[RolloutBuffer, Generator]:
     """This rank's share of `cfg.num_prompts` train prompts, `cfg.samples_per_prompt` scored samples each, in a saved buffer.
 
     Prompt ids are fixed before sharding (`load_prompts`: the prompt's `uid`, else its index), so groups never collide across ranks.
@@ -57,7 +58,7 @@ def sample_rollouts(
     problems = load_prompts(cfg.prompts_path, synthetic, cfg.num_prompts, split="train")
     mine = problems[engine.rank :: engine.world_size]
     torch.manual_seed(seed * 1009 + engine.rank + 7919 * round_index)  # per rank and round: different draws, reproducible
-    generator = HFGenerator(model, tokenizer, engine.accelerator, cfg.batch_size, images=images)
+    generator = make_generator(model, tokenizer, engine, cfg.batch_size, images=images)
     router = RewardRouter(verifier_routes(sorted({p.get("condition") or "default" for p in problems})))
     params = SamplingParams(cfg.max_new_tokens, cfg.samples_per_prompt, cfg.temperature, cfg.top_p)
     buffer = RolloutBuffer()

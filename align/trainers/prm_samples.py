@@ -21,7 +21,8 @@ from align.engine.core import Engine
 from align.evaluation import load_prompts
 from align.rollout.buffer import RolloutBuffer
 from align.rollout.collect import collect_rollouts, verifier_routes
-from align.rollout.generation import Generator, HFGenerator, SamplingParams
+from align.rollout.engines import make_generator
+from align.rollout.generation import Generator, SamplingParams
 from align.trainers.policy_samples import gather_rows, sum_over_ranks
 from data_builders.errors import UserError
 from rewards.prm import step_spans
@@ -60,7 +61,7 @@ def completion_labels(generator: Generator, items: Sequence[tuple[dict, str, lis
 def draw_step_rows(policy: torch.nn.Module, tokenizer: Any, engine: Engine, recipe: PRMRecipe) -> tuple[list[dict], dict[str, Any]]:
     """This run's labelled rows (train and held-out, every rank's, sorted) and their counts."""
     cfg, sep, seed = recipe.prm.samples, recipe.prm.step_separator, recipe.train.seed
-    generator = HFGenerator(policy, tokenizer, engine.accelerator, cfg.batch_size)
+    generator = make_generator(policy, tokenizer, engine, cfg.batch_size)
     params = SamplingParams(cfg.max_new_tokens, cfg.samples_per_prompt, cfg.temperature, cfg.top_p)
     rows, counts = [], {}
     for split, suite_split in SPLITS.items():

@@ -57,6 +57,8 @@ from align.reward_model_info import RewardModelInfo, reward_token_id
 from align.rollout.buffer import RolloutBuffer, global_sums
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
+from align.rollout.drift import SamplerDrift
+from align.rollout.engines import make_generator
 from align.rollout.experience import (
     RolloutBatch,
     actor_logprobs,
@@ -65,7 +67,7 @@ from align.rollout.experience import (
     collate_rollouts,
     critic_values,
 )
-from align.rollout.generation import HFGenerator, SamplingParams
+from align.rollout.generation import Generator, SamplingParams
 from align.rollout.process_rewards import dense_step_rewards, load_process_scorer, outcome_reward
 from align.run_state import check_run_dir, prepare_run_dir, recipe_fingerprint
 from align.trainers.actor_critic import ActorCritic, build_actor_critic_optimizer, build_actor_critic_scheduler, export_actor_critic
@@ -109,9 +111,10 @@ class PPOBatch:
     ref_logprobs: torch.Tensor  # for the KL loss term
     advantages: torch.Tensor
     loss_weight: torch.Tensor  # per token: its weight in the step's policy loss (`ppo.loss_type`), 0 where not trained
+    sampler_logprobs: torch.Tensor | None = None  # the generating engine's (vLLM's), for the drift metric
 
     def to(self, device: torch.device | str) -> PPOBatch:
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+        moved = {f.name: getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None for f in dataclasses.fields(self)}
         return PPOBatch(**moved)
 
 
@@ -204,6 +207,7 @@ class RLHFTrainer:
         self.stepper = Stepper(engine, self.model, optimizer, scheduler, recipe.optim.max_grad_norm, recipe.train.max_bad_steps)
         self.scheduler = scheduler
         self.buffer = RolloutBuffer()
+        self.drift = SamplerDrift()
         self.checkpointer = Checkpointer(engine.accelerator, engine.run_dir / "checkpoints", recipe.train.keep_last)
 
     @property
@@ -229,8 +233,10 @@ class RLHFTrainer:
         mine = per // self.engine.world_size
         return picked[self.engine.rank * mine : (self.engine.rank + 1) * mine]
 
-    def generator(self) -> HFGenerator:
-        return HFGenerator(self.model, self.tokenizer, self.engine.accelerator, self.ppo.generation_batch_size, submodule="actor")
+    def generator(self, batch_size: int | None = None) -> Generator:
+        """The recipe's generator (`rollout.engine`) on the actor; a vLLM engine syncs when the optimizer has stepped."""
+        return make_generator(self.model, self.tokenizer, self.engine, batch_size or self.ppo.generation_batch_size, submodule="actor",
+                              version=lambda: self.state.optimizer_steps)  # fmt: skip
 
     def _seed(self, iteration: int, salt: int = 0) -> int:
         return self.recipe.train.seed * 1_000_003 + iteration * 1009 + salt * 101 + self.engine.rank
@@ -245,8 +251,11 @@ class RLHFTrainer:
         torch.manual_seed(self._seed(iteration))
         params = SamplingParams(ppo.max_new_tokens, ppo.samples_per_prompt, ppo.temperature, ppo.top_p)
         problems = self.iteration_prompts(iteration)
-        generations = self.generator().generate([p["messages"] for p in problems], params)
+        generator = self.generator()
+        generations = generator.generate([p["messages"] for p in problems], params)
         timings["generate"] = time.perf_counter() - start
+        if getattr(generator, "last_sync_seconds", None) is not None:  # inside `generate`: the weights into the engine
+            timings["weight_sync"] = generator.last_sync_seconds
 
         start = time.perf_counter()
         round_index = iteration // ppo.iterations_per_round
@@ -286,7 +295,7 @@ class RLHFTrainer:
         self.buffer.add(rollouts)
         for r in self.buffer.rollouts:  # step-level fields are spent once the update has used them
             if r.policy_version < iteration:
-                r.logprobs = r.ref_logprobs = r.values = r.advantages = r.returns = None
+                r.logprobs = r.ref_logprobs = r.values = r.advantages = r.returns = r.sampler_logprobs = None
         return self.iteration_metrics(rollouts, raw, kl, trained, losses, timings, actor_on)
 
     @torch.no_grad()
@@ -302,6 +311,8 @@ class RLHFTrainer:
             width = int(sum(batch.lengths))
             # what is not needed is not computed: placeholders keep the buffer's record shape (old = ref = 0: no KL)
             logprobs = torch.zeros(width, device=engine.device) if self.on_policy else actor_logprobs(model, batch)[0]
+            if not self.on_policy and all(r.sampler_logprobs is not None for r in part):
+                self.drift.add(logprobs, batch.flat([r.sampler_logprobs for r in part]).to(engine.device))
             reference = actor_logprobs(self.reference, batch)[0] if self.reference is not None else logprobs.clone()
             values = critic_values(model, batch, self.critic, role="critic") if self.critic is not None else torch.zeros_like(logprobs)
             for name, flat in (("logprobs", logprobs), ("ref_logprobs", reference), ("values", values)):
@@ -377,6 +388,8 @@ class RLHFTrainer:
         batch = collate_rollouts(part, self.tokenizer.pad_token_id, self._row_tokens())
         weight = batch.flat([torch.full((len(r.response_ids),), float(self._trained(r)), device="cpu") for r in part])
         fields = {name: batch.flat([getattr(r, name) for r in part]) for name in ("returns", "values", "logprobs", "ref_logprobs", "advantages")}
+        if all(r.sampler_logprobs is not None for r in part):
+            fields["sampler_logprobs"] = batch.flat([r.sampler_logprobs for r in part])
         return PPOBatch(batch, weight, loss_weight=batch.flat(loss_weights), **fields)
 
     def _batch_std(self, scores: torch.Tensor) -> float:
@@ -401,6 +414,8 @@ class RLHFTrainer:
         if actor_on:
             logprobs, entropy = actor_logprobs(self.model, batch, with_entropy=True)
             old = logprobs.detach() if self.on_policy else data.logprobs
+            if self.on_policy and data.sampler_logprobs is not None:  # before this step: the sampling policy's own forward
+                self.drift.add(logprobs, data.sampler_logprobs)
             per_token, clipped = policy_loss_tokens(logprobs, old, data.advantages, ppo.clip, ppo.clip_high)
             stats |= {"policy_loss": (per_token.detach() * weight).sum(), "clip_fraction": (clipped * weight).sum(),
                       "entropy": (entropy * weight).sum()}  # fmt: skip
@@ -443,6 +458,7 @@ class RLHFTrainer:
             **{f"verifier_accuracy/{c}": sum(v) / len(v) for c, v in sorted(right.items())},
             **losses,
             **{f"time/{k}": v for k, v in timings.items()},
+            **self.drift.metrics(self.engine.accelerator),
         }
         lrs = self.scheduler.get_last_lr()
         groups = self.stepper.optimizer.param_groups if hasattr(self.stepper.optimizer, "param_groups") else []
@@ -493,8 +509,7 @@ class RLHFTrainer:
         engine = self.engine
         mine = self.eval_problems[engine.rank :: engine.world_size]
         params = SamplingParams(self.recipe.eval.max_new_tokens, 1, 0.0)
-        generator = HFGenerator(self.model, self.tokenizer, engine.accelerator, self.recipe.eval.batch_size, submodule="actor")
-        rollouts = collect_rollouts(generator, self.router, mine, params)
+        rollouts = collect_rollouts(self.generator(self.recipe.eval.batch_size), self.router, mine, params)
         texts = [(engine.rank + engine.world_size * i, r.response) for i, r in enumerate(rollouts)]
         texts = gather_object(texts) if engine.world_size > 1 else texts
         return self.score_texts(sorted(texts))

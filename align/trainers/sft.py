@@ -129,5 +129,6 @@ class SFTTrainer(Trainer):
     def _task_accuracy(self) -> dict[str, Any]:
         cfg = self.recipe.eval
         problems = load_prompts(cfg.prompts_path, self.recipe.data.synthetic, cfg.num_prompts)
-        return task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size, self.images)
+        return task_accuracy(self.model, self.tokenizer, problems, self.engine.accelerator, cfg.max_new_tokens, cfg.batch_size, self.images,
+                             engine=self.engine)  # fmt: skip
 
