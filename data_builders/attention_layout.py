@@ -143,7 +143,8 @@ def plain_sequence_mask(config, layer_type: str, length: int, device: torch.devi
         raise ValueError(f"{layer_type!r} layers take no attention mask")
     embeds = torch.empty(1, length, 1, device=device)
     positions = torch.arange(length, device=device)[None]
-    mask = build(config=config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=positions, allow_is_causal_skip=False)
+    # the cache goes by position: transformers 5.19 (vLLM's pin) names it past_key_values, 5.24 cache
+    mask = build(config, embeds, None, None, position_ids=positions, allow_is_causal_skip=False)
     if mask is None:  # nothing to mask beyond causality
         return torch.ones(length, length, dtype=torch.bool, device=device).tril()
     mask = mask[0, 0]

@@ -29,7 +29,7 @@ def scripted(monkeypatch, tokenizer, recipe_sampling, synthetic) -> ScriptedGene
 
     problems = load_prompts(recipe_sampling.prompts_path, synthetic, recipe_sampling.num_prompts, split="train")
     generator = ScriptedGenerator(tokenizer, problems, half_right)
-    monkeypatch.setattr(policy_samples, "HFGenerator", lambda *args, **kwargs: generator)
+    monkeypatch.setattr(policy_samples, "make_generator", lambda *args, **kwargs: generator)
     return generator
 
 

@@ -100,7 +100,7 @@ def test_mpo_builds_pairs_from_its_own_samples(tmp_path, sft_checkpoint, tokeniz
         "eval.enabled=false", "logging.wandb=false", "mpo.reference=model"])  # fmt: skip
     problems = load_prompts(None, recipe.data.synthetic, 12, split="train")
     generator = ScriptedGenerator(tokenizer, problems, lambda i: ["right", "wrong"] * 2)
-    monkeypatch.setattr(policy_samples, "HFGenerator", lambda *args, **kwargs: generator)
+    monkeypatch.setattr(policy_samples, "make_generator", lambda *args, **kwargs: generator)
     trainer = mpo.MPOTrainer(recipe, Engine.create(recipe))
     trainer.setup()
     stats = trainer.data_stats["sampled_pairs"]

@@ -161,7 +161,7 @@ def _scripted(monkeypatch, tokenizer, sampling, synthetic, script) -> ScriptedGe
     from align.evaluation import load_prompts
 
     generator = ScriptedGenerator(tokenizer, load_prompts(sampling.prompts_path, synthetic, sampling.num_prompts, split="train"), script)
-    monkeypatch.setattr(policy_samples, "HFGenerator", lambda *args, **kwargs: generator)
+    monkeypatch.setattr(policy_samples, "make_generator", lambda *args, **kwargs: generator)
     return generator
 
 

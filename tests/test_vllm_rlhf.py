@@ -63,6 +63,8 @@ def test_grpo_on_vllm_rollouts_syncs_after_each_step_and_tracks_the_logprob_gap(
     assert (tmp_path / "run" / "vllm" / "weights" / "model.safetensors").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["iterations"] == 2
+    rollout = summary["rollout"]  # started once (before training), reloaded after each of the 2 steps
+    assert rollout["engine"] == "vllm" and rollout["start_s"] > 0 and rollout["reloads"] == 2 and 0 < rollout["reload_mean_s"] < rollout["start_s"]
 
 
 def test_zero3_two_ranks_each_with_an_engine(tmp_path, small_policy):

@@ -173,7 +173,10 @@ def test_align_mpo_samples_image_pairs_from_the_policy_and_align_eval_reads_imag
                     group[0] = generation.Generation(group[0].prompt_ids, self.tokenizer(right)["input_ids"], right, False)
             return out
 
-    monkeypatch.setattr(policy_samples, "HFGenerator", RightOnce)
+    def right_once(model, tokenizer, engine, batch_size, images=None, **_):  # the HF generator sampled pairs would get, scripted
+        return RightOnce(model, tokenizer, engine.accelerator, batch_size, images=images)
+
+    monkeypatch.setattr(policy_samples, "make_generator", right_once)
     out = tmp_path / "mpo"
     args = ["mpo", "--config", str(ROOT / "configs" / "mpo" / "vlm_quickstart.yaml"), "--set", "model.name_or_path=builtin:vlm-tiny",
             "--set", f"output_dir={out}", "--set", "mpo.sampled_pairs.num_prompts=12", "--set", "mpo.sampled_pairs.samples_per_prompt=3",

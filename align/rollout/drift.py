@@ -28,7 +28,7 @@ class SamplerDrift:
     def metrics(self, accelerator: Any) -> dict[str, float]:
         """{"sampler/logprob_diff_mean", "sampler/logprob_diff_max"} over all ranks, then reset; every rank calls it."""
         local = torch.tensor([float(torch.stack(self.sums).sum()) if self.sums else 0.0, float(self.count),
-                              float(torch.stack(self.maxes).max()) if self.maxes else 0.0], dtype=torch.float64)  # fmt: skip
+                              float(torch.stack(self.maxes).max()) if self.maxes else 0.0], dtype=torch.float64, device="cpu")  # fmt: skip
         self.__init__()
         if accelerator is not None and accelerator.num_processes > 1:
             local = accelerator.gather(local.to(accelerator.device)).cpu().view(-1, 3)

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from align.config import RolloutConfig
 from align.rollout.generation import Generator, HFGenerator
-from align.rollout.vllm_engine import INSTALL, VLLMEngine, require_vllm, vllm_installed
+from align.rollout.vllm_engine import INSTALL, VLLMEngine, check_head_size, require_vllm, vllm_installed
 from data_builders.errors import UserError
 from data_builders.image_tokens import ImageText
 
@@ -24,19 +24,27 @@ _ENGINES: dict[str, VLLMEngine] = {}
 _announced: set[str] = set()
 
 
-def resolve_engine(rollout: RolloutConfig, takes_images: bool) -> tuple[str, str | None]:
-    """(hf | vllm, the line that explains an `auto` fallback to HF or None)."""
+def resolve_engine(rollout: RolloutConfig, takes_images: bool, config: Any = None) -> tuple[str, str | None]:
+    """(hf | vllm, the line that explains an `auto` fallback to HF or None); `config`: the generating model's."""
     if rollout.engine == "hf":
         return "hf", None
     if rollout.engine == "vllm":
         require_vllm()
         if takes_images:
             raise UserError("rollout.engine=vllm takes text-only models so far; this one takes images: use rollout.engine=hf")
+        if config is not None:
+            check_head_size(config)
         return "vllm", None
     if not vllm_installed():
         return "hf", f"align: rollout.engine=auto: vLLM is not installed, generating with HF (for vLLM rollouts: {INSTALL})"
     if takes_images:
         return "hf", "align: rollout.engine=auto: vLLM rollouts take text-only models so far, generating with HF for this one"
+    if config is not None:
+        try:
+            check_head_size(config)
+        except UserError as error:
+            why = str(error).removeprefix("rollout.engine=vllm: ").removesuffix("; use rollout.engine=hf")
+            return "hf", f"align: rollout.engine=auto: generating with HF: {why}"
     return "vllm", None
 
 
@@ -44,7 +52,7 @@ def make_generator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, e
                    images: ImageText | None = None, version: Callable[[], int] | None = None) -> Generator:  # fmt: skip
     """The recipe's generator for `model` (`engine`: the job's `align.engine.core.Engine`)."""
     rollout = getattr(engine.recipe, "rollout", None) or RolloutConfig()
-    kind, note = resolve_engine(rollout, images is not None)
+    kind, note = resolve_engine(rollout, images is not None, generating_config(model, engine, submodule))
     if note and engine.is_main and note not in _announced:
         print(note, flush=True)
         _announced.add(note)
@@ -53,6 +61,23 @@ def make_generator(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, e
     from align.rollout.vllm_generator import VLLMGenerator
 
     return VLLMGenerator(shared_engine(engine, rollout), model, tokenizer, engine.accelerator, submodule=submodule, version=version)
+
+
+def generating_config(model: torch.nn.Module, engine: Any, submodule: str | None) -> Any:
+    """The config of the model that generates (the actor of an actor-critic pair), through any DeepSpeed/PEFT wrapping."""
+    inner = engine.accelerator.unwrap_model(model) if engine.accelerator is not None else model
+    inner = getattr(inner, submodule) if submodule else inner
+    return getattr(inner, "config", None)
+
+
+def rollout_summary(generator: Generator) -> dict[str, Any]:
+    """The engine a job generated with and, for vLLM, its start and weight-reload seconds (for `summary.json`)."""
+    engine = getattr(generator, "engine", None)
+    if not isinstance(engine, VLLMEngine):
+        return {"engine": "hf"}
+    syncs = engine.sync_seconds
+    return {"engine": "vllm", "start_s": round(syncs[0], 3) if syncs else None, "reloads": len(syncs[1:]),
+            "reload_mean_s": round(sum(syncs[1:]) / len(syncs[1:]), 4) if syncs[1:] else None}  # fmt: skip
 
 
 def shared_engine(engine: Any, rollout: RolloutConfig) -> VLLMEngine:

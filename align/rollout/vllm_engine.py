@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from align.config import RolloutConfig
+from align.config import VLLM_INSTALL, RolloutConfig
 from data_builders.errors import UserError
 
-INSTALL = 'pip install -e ".[vllm]" "torch==2.13.0"'
+INSTALL = VLLM_INSTALL
 SOCKET_DIR_CHARS = 70  # a unix socket path holds 107 bytes; vLLM appends a 37-character name
 
 

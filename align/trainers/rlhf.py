@@ -58,7 +58,7 @@ from align.rollout.buffer import RolloutBuffer, global_sums
 from align.rollout.collect import collect_rollouts
 from align.rollout.detectors import detect_hacking, split_early_late
 from align.rollout.drift import SamplerDrift
-from align.rollout.engines import make_generator
+from align.rollout.engines import make_generator, rollout_summary
 from align.rollout.experience import (
     RolloutBatch,
     actor_logprobs,
@@ -641,6 +641,7 @@ class RLHFTrainer:
             "tokens": self.state.tokens,
             "skipped_steps": self.state.skipped_steps,
             "recipe_fingerprint": recipe_fingerprint(recipe),
+            "rollout": rollout_summary(self.generator()),
         }
         if samples is not None:
             summary["eval_samples"] = samples
